@@ -1,0 +1,129 @@
+"""Cluster profiles: where jobs run. Loaded from ``clusters/*.yaml`` along a search path.
+
+Search order for ``--cluster NAME`` (first match wins; a path to a .yaml file is used as is):
+  1. each directory in ``$MOE_LAUNCH_CLUSTERS`` (separated by ``:``)
+  2. ``./clusters`` in the working directory
+  3. ``$XDG_CONFIG_HOME/moe-launch/clusters`` (default ``~/.config/moe-launch/clusters``)
+  4. the profiles shipped with moe-launch
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from launcher import config_io, paths
+from launcher.errors import UserError
+
+
+@dataclass
+class Gpu:
+    type: str = "H100-80GB"
+    memory_gb: float = 80.0  # per GPU (per process on a cpu profile)
+    peak_tflops: float = 989.0  # dense bf16 peak per GPU, for MFU and time estimates
+    assumed_mfu: float = 0.35  # used to estimate step time before a run
+
+
+@dataclass
+class Slurm:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"  # job time limit, Slurm format
+    exclusive: bool = True
+    cpus_per_task: Optional[int] = None  # CPUs of the one task per node that runs torchrun
+    mem: Optional[str] = None  # e.g. "0" (all of the node's memory) or "200G"
+    constraint: Optional[str] = None
+    extra_flags: List[str] = field(default_factory=list)  # more #SBATCH flags, e.g. "--reservation=r1"
+    signal_seconds: int = 300  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 3  # retry budget for preemption / time limit / node failure
+    rdzv_timeout: int = 300  # seconds torchrun waits for all nodes to join
+
+
+@dataclass
+class Container:
+    image: Optional[str] = None  # run inside this image (pyxis/enroot: srun --container-image)
+    mounts: List[str] = field(default_factory=list)  # "src:dst[:flags]"
+
+
+@dataclass
+class ClusterProfile:
+    name: str = "cluster"
+    description: str = ""
+    executor: str = "slurm"  # slurm | local (torchrun on this machine)
+    device: str = "cuda"  # cuda | cpu
+    nodes: int = 1
+    gpus_per_node: int = 8  # on a cpu profile: processes per node
+    gpu: Gpu = field(default_factory=Gpu)
+    slurm: Slurm = field(default_factory=Slurm)
+    container: Container = field(default_factory=Container)
+    env: Dict[str, str] = field(default_factory=dict)  # exported in the job (values taken literally)
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (shell code by design)
+    runs_dir: Optional[str] = None  # where run directories go (shared filesystem); default ./runs
+    python: Optional[str] = None  # interpreter on the nodes; default: the one running launch ("python" in a container)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def describe(self) -> str:
+        nodes = f"{self.nodes} node{'s' * (self.nodes != 1)}"
+        if self.device == "cpu":
+            return f"{self.name} ({nodes} x {self.gpus_per_node} CPU processes)"
+        return f"{self.name} ({nodes} x {self.gpus_per_node} {self.gpu.type} = {self.world_size} GPUs)"
+
+
+CHOICES = {"executor": ("slurm", "local"), "device": ("cuda", "cpu")}
+
+
+def search_dirs() -> list[Path]:
+    dirs = [Path(d) for d in os.environ.get("MOE_LAUNCH_CLUSTERS", "").split(os.pathsep) if d]
+    dirs.append(Path.cwd() / "clusters")
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    dirs.append(config_home / "moe-launch" / "clusters")
+    dirs.append(paths.data_dir("clusters"))
+    return dirs
+
+
+def find_profile(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"no such file {name!r}", "--cluster")
+        return path
+    for d in search_dirs():
+        for ext in (".yaml", ".yml"):
+            if (d / f"{name}{ext}").is_file():
+                return d / f"{name}{ext}"
+    raise UserError(f"unknown cluster {name!r}; known: {', '.join(available()) or 'none'} (search path: $MOE_LAUNCH_CLUSTERS, ./clusters, ~/.config/moe-launch/clusters, shipped)", "--cluster")
+
+
+def available() -> list[str]:
+    """Profile names on the search path, first occurrence wins, sorted."""
+    names: dict[str, Path] = {}
+    for d in search_dirs():
+        if d.is_dir():
+            for p in sorted(d.glob("*.y*ml")):
+                names.setdefault(p.stem, p)
+    return sorted(names)
+
+
+def load_profile(name: str) -> tuple[ClusterProfile, Path]:
+    """Load and type-check a profile by name or path; errors name the file and the key."""
+    path = find_profile(name)
+    profile = config_io.load_yaml_into(ClusterProfile, path)
+    if name == path.stem and profile.name != name:
+        raise UserError(f"profile file {path} declares name {profile.name!r}; make it {name!r}", f"{path}: name")
+    for key, allowed in CHOICES.items():
+        if getattr(profile, key) not in allowed:
+            raise UserError(f"{getattr(profile, key)!r} is not valid; choose one of {', '.join(allowed)}", f"{path}: {key}")
+    for key in profile.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UserError("not a valid environment variable name (letters, digits, '_', not starting with a digit)", f"{path}: env.{key}")
+    for key in ("nodes", "gpus_per_node"):
+        if getattr(profile, key) < 1:
+            raise UserError(f"must be >= 1, got {getattr(profile, key)}", f"{path}: {key}")
+    return profile, path

@@ -1,0 +1,73 @@
+"""The plan of a launch: resolved layout, pipeline split, memory and FLOP estimates (for plan.yaml and the summary)."""
+
+from __future__ import annotations
+
+from launcher.cluster import ClusterProfile
+from launcher.layout import rank_layers, split_layers
+from launcher.memory import GiB
+from launcher.preflight import Preflight
+from launcher.recipe import Recipe
+
+
+def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
+    lay, m, t = pre.layout, recipe.model, recipe.train
+    micro = t.global_batch_size // (t.micro_batch_size * lay.dp)
+    tokens = t.global_batch_size * recipe.data.seq_length
+    flops = m.train_flops_per_token(recipe.data.seq_length) * tokens
+    step_s = flops / (lay.world * profile.gpu.peak_tflops * 1e12 * profile.gpu.assumed_mfu)
+    mem = pre.memory
+    return {
+        "cluster": profile.name,
+        "world_size": lay.world,
+        "nodes": lay.nodes,
+        "gpus_per_node": lay.gpus_per_node,
+        "layout": lay.dims(),
+        "derived": list(lay.derived),
+        "pipeline": {
+            "schedule": recipe.parallel.pp_schedule,
+            "layers_per_stage": split_layers(m.num_hidden_layers, lay.pp * lay.vpp),
+            "layers_per_rank": [len(r) for r in rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)],
+        },
+        "batch": {"global": t.global_batch_size, "micro": t.micro_batch_size, "microbatches_per_step": micro,
+                  "tokens_per_step": tokens},
+        "model": {"name": m.name, "params_total": m.num_params(), "params_active": m.num_active_params(),
+                  "params_mtp": m.mtp_params().total},
+        "memory": {"verdict": mem.verdict, "total_gib": round(mem.total / GiB, 2), "capacity_gib": round(mem.capacity / GiB, 2),
+                   "pp_rank": mem.pp_rank, "items_gib": {k: round(v / GiB, 3) for k, v in mem.items}},
+        "compute": {"flops_per_step": flops, "assumed_mfu": profile.gpu.assumed_mfu,
+                    "est_step_seconds": round(step_s, 4), "est_tokens_per_day": int(tokens / step_s * 86400) if step_s else None},
+        "warnings": [str(p) for p in pre.warnings],
+    }
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+
+
+def _si(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def summary(recipe: Recipe, recipe_file: str, profile: ClusterProfile, pre: Preflight, plan: dict) -> list[str]:
+    lay, m = pre.layout, recipe.model
+    dims = ["TP", "PP", "VPP", "EP", "ETP", "CP", "DP", "EDP", "SP"]
+    vals = [str(lay.tp), str(lay.pp), str(lay.vpp), str(lay.ep), str(lay.etp), str(lay.cp), str(lay.dp), str(lay.edp), "yes" if lay.sp else "no"]
+    marks = ["*" if d.lower() in lay.derived else "" for d in dims]
+    table = _table([dims, [v + mk for v, mk in zip(vals, marks)]])
+    c = plan["compute"]
+    lines = [
+        f"recipe   {recipe.name} ({recipe_file}): {m.name}, {_si(m.num_params())} params, {_si(m.num_active_params())} active, "
+        f"{'LoRA r=' + str(recipe.peft.rank) if recipe.peft.method == 'lora' else 'full fine-tune' if recipe.checkpoint.load else 'from scratch'}, backend {recipe.backend.name}",
+        f"cluster  {profile.describe()}",
+        f"layout   {table[0]}",
+        f"         {table[1]}" + ("   (* derived)" if lay.derived else ""),
+        f"memory   {pre.memory.summary()}",
+        f"step     {plan['batch']['global']} x {recipe.data.seq_length} tokens, {plan['batch']['microbatches_per_step']} micro-batches per DP rank; "
+        f"~{c['est_step_seconds']:.3g} s/step at {c['assumed_mfu']:.0%} MFU" + (f", ~{_si(c['est_tokens_per_day'])} tokens/day" if c["est_tokens_per_day"] else ""),
+    ]
+    lines += [f"warning  {w}" for w in plan["warnings"]]
+    return lines

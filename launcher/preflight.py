@@ -1,0 +1,214 @@
+"""Pre-flight checks: does this recipe run on this cluster? Every problem at once, before queueing.
+
+Dimensions the recipe leaves unset are derived: CP and VPP default to 1, ETP to TP when EP is 1 and
+to 1 otherwise (experts split by EP, as NVIDIA's DeepSeek recipes do); TP, PP and EP are searched
+over the values the cluster allows and the best valid layout is taken (fits memory, then most data
+parallelism, fewest pipeline stages, largest EP inside a node).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+from launcher import memory
+from launcher.cluster import ClusterProfile
+from launcher.errors import Problem
+from launcher.layout import Layout, split_layers
+from launcher.recipe import Recipe
+from launcher.recipe_loader import validate_fields
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fmt(values) -> str:
+    values = list(values)
+    return ", ".join(map(str, values)) if values else "none"
+
+
+@dataclass
+class Preflight:
+    layout: Layout | None
+    problems: list[Problem] = field(default_factory=list)
+    memory: memory.MemoryEstimate | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp: int, cp: int, ep: int, etp: int,
+                 memory_check: bool = True) -> Preflight:
+    """All layout checks for one choice of the model-parallel dimensions."""
+    m, par, train, data = recipe.model, recipe.parallel, recipe.train, recipe.data
+    world, gpn = profile.world_size, profile.gpus_per_node
+    errs: list[Problem] = []
+    warns: list[Problem] = []
+    E = lambda f, msg: errs.append(Problem("error", f, msg))  # noqa: E731
+    W = lambda f, msg: warns.append(Problem("warning", f, msg))  # noqa: E731
+
+    # attention heads and hidden dims across TP
+    tp_ok = [d for d in divisors(m.num_attention_heads) if d <= gpn]
+    if m.num_attention_heads % tp:
+        E("parallel.tp", f"TP={tp} must divide the {m.num_attention_heads} attention heads; valid: {_fmt(tp_ok)}")
+    elif m.num_dense_layers and m.intermediate_size % tp:
+        E("parallel.tp", f"TP={tp} must divide model.intermediate_size {m.intermediate_size}")
+    if tp > gpn or gpn % tp:
+        W("parallel.tp", f"TP={tp} crosses node boundaries ({gpn} GPUs per node): tensor-parallel traffic goes over the network; use TP <= {gpn}")
+    if par.sp and tp == 1:
+        E("parallel.sp", "sequence parallel needs TP > 1; set parallel.sp=false or parallel.tp to one of " + _fmt(d for d in tp_ok if d > 1))
+
+    # world size = TP x PP x CP x DP
+    mp = tp * pp * cp
+    dp = world // mp if world % mp == 0 else 0
+    if not dp:
+        E("parallel", f"TP*PP*CP = {tp}*{pp}*{cp} = {mp} does not divide the {world} GPUs of {profile.name}; "
+                      f"PP values that do with TP={tp} CP={cp}: {_fmt(d for d in divisors(max(world // (tp * cp), 1)) if world % (tp * cp) == 0)}")
+    elif par.dp is not None and par.dp != dp:
+        E("parallel.dp", f"set to {par.dp} but {world} GPUs / (TP*PP*CP = {mp}) gives DP={dp}; leave parallel.dp unset")
+
+    # experts across EP (x ETP) inside a pipeline stage
+    if m.n_routed_experts == 0:
+        if ep > 1:
+            E("parallel.ep", f"model {m.name} has no routed experts; EP must be 1")
+    else:
+        ep_ok = [d for d in divisors(m.n_routed_experts) if dp and (world // pp) % (d * etp) == 0]
+        if m.n_routed_experts % ep:
+            E("parallel.ep", f"EP={ep} must divide the {m.n_routed_experts} routed experts; valid here: {_fmt(ep_ok)}")
+        if dp and (world // pp) % (ep * etp):
+            E("parallel.ep", f"EP*ETP = {ep}*{etp} = {ep * etp} must divide the {world // pp} GPUs of each pipeline stage "
+                             f"({world} GPUs / PP {pp}); valid EP here: {_fmt(ep_ok)}")
+        if m.moe_intermediate_size % etp:
+            E("parallel.etp", f"ETP={etp} must divide model.moe_intermediate_size {m.moe_intermediate_size}")
+        if dp and ep * etp > gpn and (world // pp) % (ep * etp) == 0 and not errs:
+            W("parallel.ep", f"EP*ETP = {ep * etp} spans nodes ({gpn} GPUs per node): expert all-to-all crosses the network")
+
+    # layers across pipeline stages
+    stages = pp * vpp
+    if vpp > 1 and pp == 1:
+        E("parallel.vpp", f"VPP={vpp} needs pipeline parallelism (PP > 1)")
+    if vpp > 1 and par.pp_schedule != "interleaved_1f1b":
+        E("parallel.pp_schedule", f"VPP={vpp} needs parallel.pp_schedule=interleaved_1f1b (got {par.pp_schedule})")
+    if par.pp_schedule == "interleaved_1f1b" and vpp == 1:
+        E("parallel.vpp", "the interleaved_1f1b schedule needs VPP >= 2; set parallel.vpp or parallel.pp_schedule=1f1b")
+    if stages > m.num_hidden_layers:
+        E("parallel.pp", f"{m.num_hidden_layers} layers cannot fill PP*VPP = {stages} stages; valid PP*VPP: <= {m.num_hidden_layers}")
+    elif stages > 1 and m.num_hidden_layers % stages:
+        counts = split_layers(m.num_hidden_layers, stages)
+        W("parallel.pp", f"{m.num_hidden_layers} layers over {stages} stages is uneven ({min(counts)}-{max(counts)} layers per stage)")
+
+    # batch and sequence
+    mb = train.micro_batch_size
+    if dp and train.global_batch_size % (mb * dp):
+        step = mb * dp
+        near = sorted({n for n in (train.global_batch_size // step * step, (train.global_batch_size // step + 1) * step) if n})
+        E("train.global_batch_size", f"{train.global_batch_size} is not divisible by micro batch {mb} x DP {dp} = {step}; try {' or '.join(map(str, near))}")
+    elif dp and par.pp_schedule == "interleaved_1f1b" and pp > 1 and (train.global_batch_size // (mb * dp)) % pp:
+        E("train.global_batch_size", f"the interleaved schedule needs the micro-batch count ({train.global_batch_size // (mb * dp)}) divisible by PP {pp}")
+    if par.sp and tp > 1 and data.seq_length % tp:
+        E("data.seq_length", f"{data.seq_length} must be divisible by TP {tp} with sequence parallel")
+    if cp > 1 and data.seq_length % (2 * cp):
+        E("data.seq_length", f"{data.seq_length} must be divisible by 2*CP = {2 * cp} (load-balanced causal context parallel)")
+    if data.seq_length > m.max_position_embeddings:
+        W("data.seq_length", f"{data.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}")
+
+    lay = Layout(tp, pp, vpp, cp, ep, etp, dp, par.sp, profile.nodes, gpn) if dp else None
+    pre = Preflight(lay, errs + warns)
+    if lay is not None:
+        # An EP the stage cannot hold is estimated with the largest EP it can: experts still need a home.
+        fit_ep = ep if (world // pp) % (ep * etp) == 0 else max([d for d in divisors(ep) if (world // pp) % (d * etp) == 0] or [1])
+        est_lay = Layout(tp, pp, vpp, cp, fit_ep, etp, dp, par.sp, profile.nodes, gpn)
+        pre.memory = memory.estimate(recipe, est_lay, profile.gpu.memory_gb, profile.device)
+        if memory_check and pre.memory.verdict == "won't fit":
+            note = f" with EP={fit_ep}, the most this layout can hold" if fit_ep != ep else ""
+            pre.problems.insert(len(errs), Problem("error", "memory", pre.memory.summary() + note))
+        elif pre.memory.verdict == "at risk":
+            pre.problems.append(Problem("warning", "memory", pre.memory.summary()))
+    return pre
+
+
+def _recipe_problems(recipe: Recipe, profile: ClusterProfile) -> list[Problem]:
+    """Checks that do not depend on the layout."""
+    out = [Problem("error", *p.split(": ", 1)) for p in validate_fields(recipe)]
+    if recipe.peft.method == "lora":
+        valid = recipe.model.lora_target_modules()
+        bad = [t for t in recipe.peft.targets if t not in valid]
+        if bad or not recipe.peft.targets:
+            out.append(Problem("error", "peft.targets", f"{_fmt(bad) if bad else 'empty'}: not in model {recipe.model.name}; valid: {_fmt(valid)}"))
+    if recipe.backend.name == "nemo":
+        if profile.executor == "local":
+            out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster"))
+        elif not (recipe.backend.container_image or profile.container.image):
+            out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09"))
+    out += _path_problems(recipe, profile)
+    return out
+
+
+def _path_problems(recipe: Recipe, profile: ClusterProfile) -> list[Problem]:
+    """Input paths that do not exist here: an error for a local run, a warning for Slurm (compute nodes may see more)."""
+    out = []
+    paths = {"data.path": recipe.data.path, "checkpoint.load": recipe.checkpoint.load,
+             "data.tokenizer": None if recipe.data.tokenizer == "byte" else recipe.data.tokenizer}
+    for key, value in paths.items():
+        if value and not os.path.exists(os.path.expanduser(value)):
+            if profile.executor == "local":
+                out.append(Problem("error", key, f"{value} does not exist"))
+            else:
+                out.append(Problem("warning", key, f"{value} is not visible from this machine; make sure the compute nodes see it"))
+    return out
+
+
+def _candidates(recipe: Recipe, profile: ClusterProfile):
+    """Every (tp, pp, vpp, cp, ep, etp) to try; fixed dimensions have one value."""
+    par, m = recipe.parallel, recipe.model
+    gpn, world = profile.gpus_per_node, profile.world_size
+    tps = [par.tp] if par.tp else [d for d in divisors(gpn) if m.num_attention_heads % d == 0]
+    cps = [par.cp or 1]
+    vpps = [par.vpp or 1]
+    pps = [par.pp] if par.pp else [d for d in divisors(world) if d <= m.num_hidden_layers]
+    eps = [par.ep] if par.ep else (divisors(m.n_routed_experts) if m.n_routed_experts else [1])
+    for tp, cp, vpp, pp, ep in itertools.product(tps, cps, vpps, pps, eps):
+        if not par.pp and world % (tp * cp * pp) and (pp > 1 or world % (tp * cp) == 0):
+            continue  # an unset PP that cannot divide the world; PP=1 stays so errors can be reported
+        etp = par.etp or (tp if ep == 1 else 1)
+        yield tp, pp, vpp, cp, ep, etp
+
+
+def _preference(pre: Preflight, gpn: int) -> tuple:
+    lay = pre.layout
+    fit = {"fits": 0, "at risk": 1}.get(pre.memory.verdict, 2)
+    return (fit, lay.tp * lay.pp * lay.cp, lay.pp, lay.ep * lay.etp > gpn, -lay.ep, lay.tp)
+
+
+def run_preflight(recipe: Recipe, profile: ClusterProfile, memory_check: bool = True) -> Preflight:
+    """Check ``recipe`` against ``profile``, deriving unset layout dimensions."""
+    base = _recipe_problems(recipe, profile)
+    par = recipe.parallel
+    unset = tuple(k for k in ("tp", "pp", "ep") if getattr(par, k) is None)
+    tried = [check_layout(recipe, profile, *c, memory_check=memory_check) for c in _candidates(recipe, profile)]
+    valid = [p for p in tried if p.ok]
+    if valid:
+        best = min(valid, key=lambda p: _preference(p, profile.gpus_per_node))
+    elif tried:
+        # nothing valid: report the candidate with the fewest errors (the recipe's own values when all are fixed)
+        best = min(tried, key=lambda p: len(p.errors))
+        if unset:
+            best.problems.insert(0, Problem("error", "parallel", f"no value of {', '.join('parallel.' + k for k in unset)} gives a valid layout on {profile.describe()}; showing the closest"))
+    else:
+        best = Preflight(None, [Problem("error", "parallel", f"no layout divides the {profile.world_size} GPUs of {profile.name}")])
+    if best.layout is not None:
+        derived = tuple(k for k in ("tp", "pp", "vpp", "ep", "etp", "cp") if getattr(par, k) is None)
+        best.layout = Layout(**{**best.layout.__dict__, "derived": derived})
+    best.problems = base + best.problems
+    return best

@@ -1,0 +1,109 @@
+"""Render the job script from the Jinja templates in ``templates/sbatch/``.
+
+Safety by construction: the environment's ``finalize`` refuses any string that was not passed
+through ``q`` (shell-quoted) or ``sbatch`` (checked against a safe character set for ``#SBATCH``
+lines, which sbatch parses itself). Integers pass as they are. A template that interpolates a raw
+string fails to render instead of producing an injectable script.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jinja2
+
+from launcher import paths
+from launcher.cluster import ClusterProfile
+from launcher.errors import UserError
+from launcher.layout import Layout
+from launcher.recipe import Recipe
+
+REQUEUE_EXIT_CODE = 75  # the trainer exits with this after checkpointing on SIGUSR2: "requeue me"
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/%-]+$")
+_SBATCH_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:+=@/%-]+)?$")
+# The module torchrun starts on every rank, per backend.
+ENTRY_MODULES = {"native": "trainer.main", "nemo": "trainer.nemo_main"}
+
+
+class Shell(str):
+    """A string already made safe for the place it is interpolated."""
+
+
+def _q(value: object) -> Shell:
+    return Shell(shlex.quote(str(value)))
+
+
+def _sbatch_value(value: object, field: str = "value") -> Shell:
+    text = str(value)
+    if not _SBATCH_SAFE.match(text):
+        raise UserError(f"{text!r} cannot go on an #SBATCH line; use letters, digits and _ . , : + = @ / % -", field)
+    return Shell(text)
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, Shell) or value is None:
+        return "" if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise jinja2.TemplateError(f"unquoted value {value!r} in template: pipe it through |q or |sbatch")
+    return value
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(paths.data_dir("templates") / "sbatch")),
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["q"] = _q
+    env.filters["sbatch"] = _sbatch_value
+    env.filters["raw"] = Shell  # only for template-author constants and validated shell code (setup lines)
+    return env
+
+
+@dataclass(frozen=True)
+class RenderInput:
+    recipe: Recipe
+    profile: ClusterProfile
+    layout: Layout
+    run_dir: str
+    python: str | None = None  # interpreter on the nodes; default: the profile's, else this one
+
+
+def _check_sbatch_fields(profile: ClusterProfile, run_dir: str) -> None:
+    s = profile.slurm
+    for key in ("partition", "account", "qos", "time", "mem", "constraint"):
+        if getattr(s, key) is not None:
+            _sbatch_value(getattr(s, key), f"cluster {profile.name}: slurm.{key}")
+    for i, flag in enumerate(s.extra_flags):
+        if not _SBATCH_FLAG.match(flag):
+            raise UserError(f"{flag!r} is not a single --flag or --flag=value with safe characters", f"cluster {profile.name}: slurm.extra_flags[{i}]")
+    _sbatch_value(run_dir, "run directory (it goes into #SBATCH --output)")
+
+
+def render(inp: RenderInput) -> str:
+    """The job script: ``job.sbatch`` for Slurm profiles, ``job.sh`` for the local executor."""
+    image = inp.recipe.backend.container_image or inp.profile.container.image
+    if inp.profile.executor == "slurm":
+        _check_sbatch_fields(inp.profile, inp.run_dir)
+    template = "job.sbatch.j2" if inp.profile.executor == "slurm" else "local.sh.j2"
+    return environment().get_template(template).render(
+        recipe=inp.recipe,
+        profile=inp.profile,
+        slurm=inp.profile.slurm,
+        layout=inp.layout,
+        run_dir=inp.run_dir,
+        python=inp.python or inp.profile.python or ("python" if image else sys.executable),
+        image=image,
+        entry_module=ENTRY_MODULES[inp.recipe.backend.name],
+        env=sorted({**inp.profile.env, **inp.recipe.env}.items()),
+        requeue_exit=REQUEUE_EXIT_CODE,
+    )
