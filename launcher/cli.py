@@ -61,6 +61,8 @@ def _check_can_run(profile) -> None:
 
         if importlib.util.find_spec("torch") is None:
             raise UserError("the local executor runs the native trainer, which needs PyTorch: pip install 'moe-launch[train]'", "--cluster local")
+        if importlib.util.find_spec("trainer") is None:
+            raise UserError("this install has no job-side trainer package; use --dry-run to check and render only", "--cluster local")
 
 
 def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -122,7 +124,7 @@ def cmd_clusters() -> int:
     for name in cluster.available():
         try:
             prof, path = cluster.load_profile(name)
-            print(f"{name:16s} {prof.describe():60s} {path}")
+            print(f"{name:16s} {prof.shape():40s} {path}")
         except UserError as exc:
             print(f"{name:16s} (invalid: {exc})")
     return 0

@@ -69,14 +69,38 @@ class ClusterProfile:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
-    def describe(self) -> str:
+    def shape(self) -> str:
         nodes = f"{self.nodes} node{'s' * (self.nodes != 1)}"
         if self.device == "cpu":
-            return f"{self.name} ({nodes} x {self.gpus_per_node} CPU processes)"
-        return f"{self.name} ({nodes} x {self.gpus_per_node} {self.gpu.type} = {self.world_size} GPUs)"
+            return f"{nodes} x {self.gpus_per_node} CPU processes"
+        return f"{nodes} x {self.gpus_per_node} {self.gpu.type} = {self.world_size} GPUs"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.shape()})"
 
 
 CHOICES = {"executor": ("slurm", "local"), "device": ("cuda", "cpu")}
+# sbatch parses #SBATCH lines itself (no shell quoting there): values must stick to a safe set.
+SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/%-]+$")
+SBATCH_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:+=@/%-]+)?$")
+SBATCH_SAFE_CHARS = "letters, digits and _ . , : + = @ / % -"
+
+
+def check_sbatch_value(value: object, field: str) -> str:
+    text = str(value)
+    if not SBATCH_SAFE.match(text):
+        raise UserError(f"{text!r} cannot go on an #SBATCH line; use {SBATCH_SAFE_CHARS}", field)
+    return text
+
+
+def check_slurm_fields(profile: "ClusterProfile", where: str) -> None:
+    s = profile.slurm
+    for key in ("partition", "account", "qos", "time", "mem", "constraint"):
+        if getattr(s, key) is not None:
+            check_sbatch_value(getattr(s, key), f"{where}slurm.{key}")
+    for i, flag in enumerate(s.extra_flags):
+        if not SBATCH_FLAG.match(flag):
+            raise UserError(f"{flag!r} is not a single --flag or --flag=value with {SBATCH_SAFE_CHARS}", f"{where}slurm.extra_flags[{i}]")
 
 
 def search_dirs() -> list[Path]:
@@ -126,4 +150,5 @@ def load_profile(name: str) -> tuple[ClusterProfile, Path]:
     for key in ("nodes", "gpus_per_node"):
         if getattr(profile, key) < 1:
             raise UserError(f"must be >= 1, got {getattr(profile, key)}", f"{path}: {key}")
+    check_slurm_fields(profile, f"{path}: ")
     return profile, path

@@ -30,6 +30,7 @@ class MemoryEstimate:
     items: tuple[tuple[str, float], ...]  # (label, bytes) on the fullest pipeline rank
     pp_rank: int
     capacity: float  # bytes per GPU
+    per: str = "GPU"  # "process" on a CPU profile
 
     @property
     def total(self) -> float:
@@ -43,11 +44,15 @@ class MemoryEstimate:
 
     def biggest(self, n: int = 3) -> str:
         top = sorted(self.items, key=lambda kv: -kv[1])[:n]
-        return ", ".join(f"{label} {b / GiB:.1f}" for label, b in top if b > 0)
+        return ", ".join(f"{label} {fmt_bytes(b)}" for label, b in top if b > 0)
 
     def summary(self) -> str:
-        return (f"{self.verdict}: ~{self.total / GiB:.1f} GiB of {self.capacity / GiB:.0f} GiB per GPU "
-                f"(pipeline rank {self.pp_rank}; biggest: {self.biggest()} GiB)")
+        return (f"{self.verdict}: ~{fmt_bytes(self.total)} of {fmt_bytes(self.capacity)} per {self.per} "
+                f"(pipeline rank {self.pp_rank}; biggest: {self.biggest()})")
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / GiB:.1f} GiB" if b >= GiB else f"{b / 1024**2:.1f} MiB"
 
 
 def _lora_shapes(m: ModelConfig, layer: int) -> dict[str, list[tuple[int, int]]]:
@@ -151,7 +156,7 @@ def estimate(recipe, lay: Layout, capacity_gib: float, device: str = "cuda") -> 
             items.append(("logits", tokens * m.vocab_size / lay.tp * 4 * 2 * heads))
         if device == "cuda":
             items += [("comm buffers", COMM_BUFFERS_GIB * GiB), ("cuda context", CUDA_OVERHEAD_GIB * GiB)]
-        est = MemoryEstimate(tuple(items), r, capacity_gib * GiB)
+        est = MemoryEstimate(tuple(items), r, capacity_gib * GiB, "process" if device == "cpu" else "GPU")
         if best is None or est.total > best.total:
             best = est
     return best

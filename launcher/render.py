@@ -8,7 +8,6 @@ string fails to render instead of producing an injectable script.
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -17,14 +16,11 @@ from functools import lru_cache
 import jinja2
 
 from launcher import paths
-from launcher.cluster import ClusterProfile
-from launcher.errors import UserError
+from launcher.cluster import ClusterProfile, check_sbatch_value, check_slurm_fields
 from launcher.layout import Layout
 from launcher.recipe import Recipe
 
 REQUEUE_EXIT_CODE = 75  # the trainer exits with this after checkpointing on SIGUSR2: "requeue me"
-_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/%-]+$")
-_SBATCH_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:+=@/%-]+)?$")
 # The module torchrun starts on every rank, per backend.
 ENTRY_MODULES = {"native": "trainer.main", "nemo": "trainer.nemo_main"}
 
@@ -38,10 +34,7 @@ def _q(value: object) -> Shell:
 
 
 def _sbatch_value(value: object, field: str = "value") -> Shell:
-    text = str(value)
-    if not _SBATCH_SAFE.match(text):
-        raise UserError(f"{text!r} cannot go on an #SBATCH line; use letters, digits and _ . , : + = @ / % -", field)
-    return Shell(text)
+    return Shell(check_sbatch_value(value, field))
 
 
 def _finalize(value: object) -> object:
@@ -78,22 +71,12 @@ class RenderInput:
     python: str | None = None  # interpreter on the nodes; default: the profile's, else this one
 
 
-def _check_sbatch_fields(profile: ClusterProfile, run_dir: str) -> None:
-    s = profile.slurm
-    for key in ("partition", "account", "qos", "time", "mem", "constraint"):
-        if getattr(s, key) is not None:
-            _sbatch_value(getattr(s, key), f"cluster {profile.name}: slurm.{key}")
-    for i, flag in enumerate(s.extra_flags):
-        if not _SBATCH_FLAG.match(flag):
-            raise UserError(f"{flag!r} is not a single --flag or --flag=value with safe characters", f"cluster {profile.name}: slurm.extra_flags[{i}]")
-    _sbatch_value(run_dir, "run directory (it goes into #SBATCH --output)")
-
-
 def render(inp: RenderInput) -> str:
     """The job script: ``job.sbatch`` for Slurm profiles, ``job.sh`` for the local executor."""
     image = inp.recipe.backend.container_image or inp.profile.container.image
     if inp.profile.executor == "slurm":
-        _check_sbatch_fields(inp.profile, inp.run_dir)
+        check_slurm_fields(inp.profile, f"cluster {inp.profile.name}: ")
+        check_sbatch_value(inp.run_dir, "run directory (it goes into #SBATCH --output)")
     template = "job.sbatch.j2" if inp.profile.executor == "slurm" else "local.sh.j2"
     return environment().get_template(template).render(
         recipe=inp.recipe,

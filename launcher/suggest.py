@@ -39,7 +39,7 @@ def suggestions(recipe: Recipe, recipe_path: Path, profile: ClusterProfile) -> l
         except UserError:
             continue
         if other.device == profile.device and run_preflight(recipe, other).ok:
-            out.append(f"--cluster {name}: {other.describe()} passes all checks")
+            out.append(f"--cluster {name} ({other.shape()}) passes all checks")
     for name in recipe_loader.shipped_names():
         try:
             other, path = recipe_loader.load_recipe(name)
