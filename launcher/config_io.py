@@ -60,6 +60,16 @@ def to_object(cfg: DictConfig, where: str) -> Any:
         raise UserError(reason, f"{where}{key}" if key else where) from None
 
 
+def typed(obj: T, where: str) -> T:
+    """Type-check a dataclass instance built in Python (dataclasses do not): '8' becomes 8, 'eight' is an error."""
+    try:
+        cfg = OmegaConf.structured(obj)
+    except OmegaConfBaseException as exc:
+        key, reason = _explain(exc)
+        raise UserError(reason, f"{where}{key}" if key else where.rstrip(": ")) from None
+    return to_object(cfg, where)
+
+
 def load_yaml_into(cls: type[T], path: Path) -> T:
     """Read a YAML file into dataclass ``cls``, type-checked (unknown keys and wrong types are errors)."""
     try:

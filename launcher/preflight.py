@@ -140,7 +140,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
 
 def _recipe_problems(recipe: Recipe, profile: ClusterProfile) -> list[Problem]:
     """Checks that do not depend on the layout."""
-    out = [Problem("error", *p.split(": ", 1)) for p in validate_fields(recipe)]
+    out = validate_fields(recipe)
     if recipe.peft.method == "lora":
         valid = recipe.model.lora_target_modules()
         bad = [t for t in recipe.peft.targets if t not in valid]
