@@ -114,7 +114,7 @@ def validate_fields(recipe: Recipe) -> list[Problem]:
         add("name", f"{recipe.name!r} is not valid; use letters, digits, '.', '_' or '-' (it names the job and run directory)")
     for k in recipe.env:
         if not _ENV_NAME.match(k):
-            add(f"env.{k}", f"not a valid environment variable name (letters, digits, '_', not starting with a digit)")
+            add(f"env.{k}", "not a valid environment variable name (letters, digits, '_', not starting with a digit)")
     m = recipe.model
     if m.n_routed_experts and not 1 <= m.num_experts_per_tok <= m.n_routed_experts:
         add("model.num_experts_per_tok", f"{m.num_experts_per_tok} must be between 1 and n_routed_experts ({m.n_routed_experts})")
