@@ -20,8 +20,22 @@ class RopeScaling:
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    # mscale / mscale_all_dim: YaRN's attention temperature terms; None = absent from the HF config.
+    mscale: Optional[float] = 1.0
+    mscale_all_dim: Optional[float] = 1.0
+    attention_factor: Optional[float] = None  # scales cos/sin; None = derived as Hugging Face does
+
+    def cos_sin_scale(self) -> float:
+        """The factor cos/sin are multiplied by (HF's ``attention_factor``; 1.0 for V3 and V2-Lite)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass
@@ -154,8 +168,8 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
-        if rs is not None and rs.factor > 1.0 and rs.mscale_all_dim:
-            m = 0.1 * rs.mscale_all_dim * math.log(rs.factor) + 1.0
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
             scale *= m * m
         return scale
 

@@ -1,0 +1,56 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+q = W_qb(norm(W_qa x)) (V3) or W_q x (V2-Lite); per head [q_nope | q_rope].
+The keys and values come from a compressed latent: W_kva x = [c_kv | k_rope]; norm(c_kv) -> W_kvb ->
+per head [k_nope | v]; k_rope is one head shared by all heads. RoPE touches only the rope parts.
+Attention runs through scaled_dot_product_attention (fused kernels on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.norm import RMSNorm
+from model.rope import apply_rope
+
+LATENT_NORM_EPS = 1e-6  # q_a/kv_a norms: fixed in the reference implementations, not rms_norm_eps
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale()
+        h, heads, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * cfg.v_head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S] (True = attend)."""
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = q.view(b, s, -1, self.nope + self.rope).transpose(1, 2)  # heads from the weight: TP-friendly
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, -1, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope.view(b, 1, s, self.rope), cos, sin)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -1,0 +1,263 @@
+"""Hugging Face checkpoint interop: config.json <-> ModelConfig, safetensors shards <-> our model.
+
+Hub layout (what ``save_pretrained`` writes and DeepSeek publishes):
+  model.embed_tokens.weight, model.layers.L.<module>..., model.norm.weight, lm_head.weight
+  routed experts one by one: model.layers.L.mlp.experts.J.{gate,up,down}_proj.weight
+  MTP module k: model.layers.<num_hidden_layers + k>.{enorm,hnorm,eh_proj,shared_head.norm,...}
+    (+ its own copies of embed_tokens and shared_head.head, which we share with the main model)
+Ours: the same names without the ``model.`` prefix, experts stacked per layer (mlp.experts.gate_proj
+[E, F, H]), MTP modules under ``mtp.k``.
+
+Loading reads the index, then each shard once, and only the tensors the model in hand needs (a rank
+that holds experts 8..15 reads only those), copying each into place; nothing else stays in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig, RopeScaling
+from model.moe import GroupedExperts
+
+_HF_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "scoring_func",
+              "topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha",
+              "rms_norm_eps", "max_position_embeddings", "num_nextn_predict_layers", "tie_word_embeddings",
+              "initializer_range"]
+_ROPE_FIELDS = ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"]
+
+
+class CheckpointMismatch(ValueError):
+    """Missing, unexpected or mis-shaped tensors; the message lists them."""
+
+
+# ----------------------------------------------------------------------------- config
+def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
+    """ModelConfig from a config.json dict (transformers v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
+    fields = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
+    cfg = ModelConfig(name=name, **fields)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "yarn":
+        cfg.rope_scaling = RopeScaling(
+            factor=float(rope["factor"]), original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"), attention_factor=rope.get("attention_factor"))
+    elif kind in ("default", None):
+        cfg.rope_scaling = None
+    else:
+        raise ValueError(f"rope type {kind!r} is not used by the DeepSeek-V3 family (yarn or default)")
+    if "n_routed_experts" in hf and hf.get("n_routed_experts") is None:
+        cfg.n_routed_experts = 0
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """config.json for DeepseekV3ForCausalLM, readable by transformers v4 and v5."""
+    hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
+          "num_key_value_heads": cfg.num_attention_heads, "attention_bias": False, "attention_dropout": 0.0,
+          "moe_layer_freq": 1, "rope_interleave": True, "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1}
+    hf.update({k: getattr(cfg, k) for k in _HF_FIELDS})
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope = {"rope_type": "yarn", "type": "yarn", "rope_theta": cfg.rope_theta,
+                **{k: getattr(rs, k) for k in _ROPE_FIELDS if getattr(rs, k) is not None}}
+    hf["rope_parameters"] = rope
+    hf["rope_scaling"] = None if cfg.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    hf["rope_theta"] = cfg.rope_theta
+    return hf
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    return config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+
+
+# ------------------------------------------------------------------------ key mapping
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _ours_to_hub_prefix(name: str, cfg: ModelConfig) -> str:
+    """Our parameter/buffer name -> hub name (experts still stacked: '...mlp.experts.gate_proj')."""
+    if name.startswith("lm_head."):
+        return name
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if m:
+        return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
+    return "model." + name
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """hub key -> (our tensor to fill, expert slot in it or None) for everything this model holds."""
+    cfg: ModelConfig = model.cfg
+    out: dict[str, tuple[torch.Tensor, int | None]] = {}
+    experts = {name: mod for name, mod in model.named_modules() if isinstance(mod, GroupedExperts)}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("tokens_per_expert"):
+            continue  # runtime counters, not checkpoint state
+        owner, _, attr = name.rpartition(".")
+        if owner in experts:
+            mod = experts[owner]
+            for slot in range(mod.n_local):
+                out[f"{_ours_to_hub_prefix(owner, cfg)}.{mod.first_expert + slot}.{attr}.weight"] = (tensor, slot)
+        else:
+            out[_ours_to_hub_prefix(name, cfg)] = (tensor, None)
+    return out
+
+
+def _shared_mtp_copies(cfg: ModelConfig) -> set[str]:
+    """Hub keys that duplicate shared tensors (each MTP module's embedding and head)."""
+    keys = set()
+    for k in range(cfg.num_nextn_predict_layers):
+        base = f"model.layers.{cfg.num_hidden_layers + k}"
+        keys |= {f"{base}.embed_tokens.weight", f"{base}.shared_head.head.weight"}
+    return keys
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+# ------------------------------------------------------------------------------- load
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, path: str | Path, strict: bool = True, ignore_unexpected: bool = False) -> dict:
+    """Fill ``model`` from an HF-format directory, shard by shard, reading only the tensors it needs.
+
+    ``strict``: every tensor of the model must be in the checkpoint. Tensors the model does not hold are
+    unexpected unless they belong to other ranks (experts outside this rank's range, layers of other
+    pipeline stages): pass ``ignore_unexpected=True`` for a partial model.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    cfg: ModelConfig = model.cfg
+    wanted = expected_tensors(model)
+    weight_map = _weight_map(path)
+    shared = _shared_mtp_copies(cfg)
+    missing = sorted(k for k in wanted if k not in weight_map)
+    unexpected = sorted(k for k in weight_map if k not in wanted and k not in shared)
+    if ignore_unexpected:
+        unexpected = []
+    bad_shape = []
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for key in wanted:
+        if key in weight_map:
+            by_shard[weight_map[key]].append(key)
+    loaded = 0
+    for shard, keys in sorted(by_shard.items()):
+        with safe_open(path / shard, framework="pt") as f:
+            for key in keys:
+                target, slot = wanted[key]
+                dest = target[slot] if slot is not None else target
+                src = f.get_slice(key)
+                if tuple(src.get_shape()) != tuple(dest.shape):
+                    bad_shape.append(f"{key}: checkpoint {tuple(src.get_shape())} vs model {tuple(dest.shape)}")
+                    continue
+                t = f.get_tensor(key)
+                if t.dtype == torch.float8_e4m3fn:
+                    raise CheckpointMismatch(f"{path}: {key} is FP8; convert the checkpoint first: moe-convert-fp8 SRC DST")
+                _local(dest).copy_(_local_slice(t, dest))
+                loaded += 1
+    problems = []
+    if missing and strict:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if bad_shape:
+        problems.append(f"mis-shaped {len(bad_shape)}: {'; '.join(bad_shape[:10])}")
+    if problems:
+        raise CheckpointMismatch(f"{path}: checkpoint does not match the model: " + " | ".join(problems))
+    return {"loaded": loaded, "missing": missing, "shards": len(by_shard)}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_slice(full: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """The part of a full checkpoint tensor that this rank's (possibly DTensor-sharded) ``dest`` holds."""
+    if not hasattr(dest, "to_local"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(dest.dtype), dest.device_mesh, dest.placements, src_data_rank=None).to_local()
+
+
+# ------------------------------------------------------------------------------- save
+@torch.no_grad()
+def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = None) -> None:
+    """Write config.json, safetensors shards (hub key names, experts one by one) and the index."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.cfg
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (t, slot) in expected_tensors(model).items():
+        v = (t[slot] if slot is not None else t).detach()
+        if dtype is not None and v.is_floating_point() and not key.endswith("e_score_correction_bias"):
+            v = v.to(dtype)
+        tensors[key] = v.contiguous().cpu()
+    for k in range(cfg.num_nextn_predict_layers):  # the hub layout repeats the shared tensors per MTP module
+        base = f"model.layers.{cfg.num_hidden_layers + k}"
+        tensors[f"{base}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[f"{base}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors, key=_hub_order):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+
+
+def _hub_order(key: str):
+    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", key)
+    return (1, int(m.group(1)), m.group(2)) if m else ((0, 0, key) if "embed" in key else (2, 0, key))
+
+
+def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, mtp_loss_weight: float = 0.1):
+    """Build our model from an HF directory's config.json and load its weights."""
+    from model.transformer import build_model
+
+    cfg = load_config(path)
+    if cfg.num_nextn_predict_layers and f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" not in _weight_map(Path(path)):
+        cfg.num_nextn_predict_layers = 0  # transformers' save_pretrained does not write MTP modules
+    model = build_model(cfg, device=device, dtype=dtype, seed=None, mtp_loss_weight=mtp_loss_weight)
+    load_hf_weights(model, path)
+    return model
+
+
+def hf_dir_size(path: str | Path) -> int:
+    return sum(os.path.getsize(p) for p in Path(path).glob("*.safetensors"))
