@@ -52,5 +52,10 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.view(b, 1, s, self.rope), cos, sin)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        # Fused (flash) kernels want one head dim for q, k and v: pad v with zeros, drop the padding after.
+        pad = q.shape[-1] - self.v_dim
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
+                                             is_causal=mask is None, scale=self.scale)
+        if pad > 0:
+            out = out[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

