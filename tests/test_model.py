@@ -129,3 +129,23 @@ def test_seeded_init_is_reproducible():
     cfg = preset("tiny")
     a, b = build_model(cfg, seed=3), build_model(cfg, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_mtp_checkpoint_round_trip_in_hub_layout(tmp_path):
+    """MTP modules go to model.layers.<L + k> with their own embedding/head copies, as DeepSeek publishes."""
+    import json
+
+    from model.hf_io import load_hf_model, save_hf
+
+    cfg = preset("tiny")
+    model = build_model(cfg, seed=0)
+    save_hf(model, tmp_path)
+    keys = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    L = cfg.num_hidden_layers
+    for k in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight", "shared_head.head.weight",
+              "embed_tokens.weight", "self_attn.q_a_proj.weight", "mlp.experts.7.down_proj.weight"):
+        assert f"model.layers.{L}.{k}" in keys
+    again = load_hf_model(tmp_path)
+    assert len(again.mtp) == 1
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
