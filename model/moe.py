@@ -82,19 +82,22 @@ class GroupedExperts(nn.Module):
 
     @property
     def n_local(self) -> int:
-        return self.gate_proj.shape[0]
+        p = self.gate_proj
+        return (p.to_local() if hasattr(p, "to_local") else p).shape[0]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, H] sorted by expert, counts [E_local] -> [N, H]."""
-        if _grouped_mm_ok(x, self.gate_proj, self.down_proj):
+        # Under expert parallelism the weights are DTensors split over experts: compute on the local part.
+        gate, up, down = (p.to_local() if hasattr(p, "to_local") else p for p in (self.gate_proj, self.up_proj, self.down_proj))
+        if _grouped_mm_ok(x, gate, down):
             offs = counts.cumsum(0).to(torch.int32)
-            g = F.grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offs)
-            u = F.grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offs)
-            return F.grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+            g = F.grouped_mm(x, gate.transpose(-2, -1), offs=offs)
+            u = F.grouped_mm(x, up.transpose(-2, -1), offs=offs)
+            return F.grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
         outs = []
         for e, chunk in enumerate(torch.split(x, counts.tolist())):
-            h = F.silu(chunk @ self.gate_proj[e].t()) * (chunk @ self.up_proj[e].t())
-            outs.append(h @ self.down_proj[e].t())
+            h = F.silu(chunk @ gate[e].t()) * (chunk @ up[e].t())
+            outs.append(h @ down[e].t())
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 

@@ -69,6 +69,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def mtp_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None, depth: int) -> list[torch.Tensor]:
+    """Targets of MTP depths 1..depth: labels shifted left by k, never across a packed sequence boundary."""
+    out = []
+    for k in range(1, depth + 1):
+        target = torch.roll(labels, -k, dims=1)
+        target[:, -k:] = IGNORE_INDEX
+        if segment_ids is not None:
+            target = target.masked_fill(torch.roll(segment_ids, -k, dims=1) != segment_ids, IGNORE_INDEX)
+        out.append(target)
+    return out
+
+
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """Causal mask that also keeps packed sequences apart: [B, S] ids -> boolean [B, 1, S, S]."""
     s = segment_ids.shape[-1]
@@ -91,8 +103,12 @@ class DeepseekV3(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
-        """input_ids [B, S]; labels [B, S] aligned with positions (IGNORE_INDEX = no loss); segment_ids for packing."""
+                segment_ids: torch.Tensor | None = None, return_logits: bool = True, reduction: str = "mean") -> CausalLMOutput:
+        """input_ids [B, S]; labels [B, S] aligned with positions (IGNORE_INDEX = no loss); segment_ids for packing.
+
+        ``reduction="sum"``: lm_loss is the summed token loss and mtp_loss the per-depth sums [D] (loss is
+        None); a distributed trainer divides by its global token counts (see :func:`mtp_targets`).
+        """
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
@@ -105,20 +121,17 @@ class DeepseekV3(nn.Module):
         logits = self.lm_head(h)
         if labels is None:
             return CausalLMOutput(logits)
-        lm_loss = causal_lm_loss(logits, labels)
-        out = CausalLMOutput(logits if return_logits else None, lm_loss, lm_loss, tokens=(labels != IGNORE_INDEX).sum())
+        lm_loss = causal_lm_loss(logits, labels, reduction)
+        out = CausalLMOutput(logits if return_logits else None, lm_loss if reduction == "mean" else None, lm_loss,
+                             tokens=(labels != IGNORE_INDEX).sum())
         if len(self.mtp) and self.mtp_loss_weight > 0:
             mtp_losses = []
-            for k, module in enumerate(self.mtp, start=1):
-                next_ids = torch.roll(input_ids, -k, dims=1)
-                h = module(h, self.embed_tokens(next_ids), cos, sin, mask)
-                target = torch.roll(labels, -k, dims=1)
-                target[:, -k:] = IGNORE_INDEX
-                if segment_ids is not None:  # never predict across a packed sequence boundary
-                    target = target.masked_fill(torch.roll(segment_ids, -k, dims=1) != segment_ids, IGNORE_INDEX)
-                mtp_losses.append(causal_lm_loss(self.lm_head(h), target))
-            out.mtp_loss = torch.stack(mtp_losses).mean()
-            out.loss = lm_loss + self.mtp_loss_weight * out.mtp_loss
+            for k, (module, target) in enumerate(zip(self.mtp, mtp_targets(labels, segment_ids, len(self.mtp))), start=1):
+                h = module(h, self.embed_tokens(torch.roll(input_ids, -k, dims=1)), cos, sin, mask)
+                mtp_losses.append(causal_lm_loss(self.lm_head(h), target, reduction))
+            out.mtp_loss = torch.stack(mtp_losses) if reduction == "sum" else torch.stack(mtp_losses).mean()
+            if reduction == "mean":
+                out.loss = lm_loss + self.mtp_loss_weight * out.mtp_loss
         return out
 
     @torch.no_grad()

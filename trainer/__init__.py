@@ -1,0 +1,1 @@
+"""Job side: code that runs inside the training job (imports torch)."""

@@ -1,0 +1,92 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, resharded on load, written atomically.
+
+``<save_dir>/step-00000030/`` holds the DCP shards of model + optimizer (global shapes, so a run can
+resume with another DP or EP layout), ``trainer.json`` (step, data position, layout, model
+fingerprint) and ``rng-<rank>.pt``. Every rank writes into ``step-XXXXXXXX.partial``; after a barrier
+rank 0 renames it, so a directory without ``.partial`` is always complete. The newest ``keep`` stay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class ResumeRefused(RuntimeError):
+    """The checkpoint cannot continue with this recipe or layout."""
+
+
+def fingerprint(recipe) -> str:
+    """What must not change across a resume: the model and the PEFT setup."""
+    blob = json.dumps({"model": dataclasses.asdict(recipe.model), "peft": dataclasses.asdict(recipe.peft)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def latest(save_dir: Path) -> Path | None:
+    steps = sorted(p for p in save_dir.glob("step-*") if _STEP_DIR.match(p.name) and (p / "trainer.json").exists())
+    return steps[-1] if steps else None
+
+
+def save(save_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
+    rank = dist.get_rank()
+    final = save_dir / f"step-{step:08d}"
+    partial = save_dir / f"step-{step:08d}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               partial / f"rng-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        old = sorted(p for p in save_dir.glob("step-*") if _STEP_DIR.match(p.name))
+        for p in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Refuse, before training starts, a resume the checkpoint cannot serve."""
+    if saved.get("fingerprint") != current["fingerprint"]:
+        raise ResumeRefused("the checkpoint was written for another model or PEFT configuration "
+                            f"(fingerprint {saved.get('fingerprint')} vs {current['fingerprint']}); start a new save_dir")
+    for dim in ("tp", "pp", "vpp", "cp", "etp"):
+        if saved["layout"].get(dim, 1) != current["layout"].get(dim, 1):
+            raise ResumeRefused(f"the checkpoint was written with {dim.upper()}={saved['layout'].get(dim)}; this run has "
+                                f"{dim.upper()}={current['layout'].get(dim)}. Only DP and EP may change on resume")
+
+
+def load(path: Path, model, optimizer, current: dict) -> dict:
+    """Load model + optimizer (resharding as needed); returns the saved trainer state."""
+    saved = json.loads((path / "trainer.json").read_text())
+    check_compatible(saved, current)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    same_layout = saved["layout"] == current["layout"]
+    rng = path / f"rng-{dist.get_rank()}.pt"
+    if same_layout and rng.exists():  # RNG streams only mean something for the same ranks
+        states = torch.load(rng, weights_only=False)
+        torch.set_rng_state(states["cpu"])
+        if states["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    return saved

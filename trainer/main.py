@@ -1,0 +1,195 @@
+"""The job entry point torchrun starts on every rank: ``python -m trainer.main --run-dir RUN_DIR``.
+
+Reads the run directory the launcher wrote (recipe.yaml, cluster.yaml, plan.yaml), builds the model
+on the meta device, parallelises it per the plan, materialises only this rank's shards, trains,
+checkpoints and resumes.
+
+Exit codes: 0 done; 75 (REQUEUE_EXIT_CODE) checkpointed after SIGUSR2, requeue me; 2 a configuration
+the job refuses (resume into an incompatible layout, a bad run directory); anything else: a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from omegaconf import OmegaConf
+
+from launcher.cluster import ClusterProfile
+from launcher.recipe import Recipe
+from launcher.render import REQUEUE_EXIT_CODE
+from model.moe import AuxLossGrad, update_expert_bias
+from model.transformer import IGNORE_INDEX, build_model, mtp_targets
+from trainer import checkpoint
+from trainer.data import build_train_loader
+from trainer.metrics import MetricsLogger, peak_memory_gib
+from trainer.optim import build_optimizer, clip_grad_norm, lr_at
+from trainer.parallel import apply_fsdp, dp_all_reduce, materialize, set_parallel
+from trainer.tokenizer import load_tokenizer
+
+EXIT_REFUSED = 2
+
+
+class StopFlag:
+    """Set by SIGUSR2 (forwarded by the sbatch script ahead of the time limit, or sent by hand)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGUSR2, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def load_run(run_dir: Path) -> tuple[Recipe, ClusterProfile, dict]:
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(run_dir / "recipe.yaml")))
+    profile = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterProfile), OmegaConf.load(run_dir / "cluster.yaml")))
+    plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
+    return recipe, profile, plan
+
+
+def _global_sum(values: list[float], group=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def train(run_dir: Path) -> int:
+    recipe, profile, plan = load_run(run_dir)
+    layout = plan["layout"]
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if profile.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    expected = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
+    if world != expected:
+        raise SystemExit(f"moe-launch: error: {world} ranks started, the plan needs {expected}")
+    stop = StopFlag()
+    train_cfg, data_cfg = recipe.train, recipe.data
+    torch.manual_seed(train_cfg.seed)
+
+    # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
+    model = build_model(recipe.model, device="meta", mtp_loss_weight=train_cfg.mtp_loss_weight)
+    meshes = set_parallel(model, device.type, layout)
+    apply_fsdp(model, meshes, torch.bfloat16 if train_cfg.precision == "bf16" else None)
+    materialize(model, device, train_cfg.seed)
+    if recipe.checkpoint.load:
+        raise SystemExit("moe-launch: error: checkpoint.load (HF weights) is not supported by this trainer version yet")
+    model.train()
+    optimizer = build_optimizer(model, train_cfg)
+
+    dp_rank, dp_size = meshes.dp.get_local_rank(), meshes.dp.size()
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    if tokenizer.vocab_size > recipe.model.vocab_size:
+        raise SystemExit(f"moe-launch: error: tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size is {recipe.model.vocab_size}")
+    loader = build_train_loader(data_cfg, train_cfg, tokenizer, dp_rank, dp_size)
+    n_micro = loader.micro_batches_per_step
+    AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
+
+    save_dir = Path(recipe.checkpoint.save_dir or run_dir / "checkpoints")
+    current = {"fingerprint": checkpoint.fingerprint(recipe), "layout": layout}
+    start = 0
+    found = checkpoint.latest(save_dir) if recipe.checkpoint.resume else None
+    log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0)
+    if found is not None:
+        try:
+            saved = checkpoint.load(found, model, optimizer, current)
+        except checkpoint.ResumeRefused as exc:
+            log.info(f"moe-launch: error: cannot resume from {found}: {exc}")
+            return EXIT_REFUSED
+        start = saved["step"]
+        loader.load_state_dict(saved["data"])
+        log.info(f"moe-launch: resumed from {found} at step {start}" + ("" if saved["layout"] == layout else f" (layout was {saved['layout']})"))
+    log.info(f"moe-launch: training {recipe.name}: {recipe.model.name} on {world} rank(s), layout {layout}, "
+             f"{n_micro} micro-batch(es) of {train_cfg.micro_batch_size} x {data_cfg.seq_length} per rank per step; data {loader.stats()}")
+
+    flops_per_token = recipe.model.train_flops_per_token(data_cfg.seq_length)
+    peak_flops = profile.gpu.peak_tflops * 1e12
+    reduce = dp_all_reduce(meshes)
+    depth = recipe.model.num_nextn_predict_layers if train_cfg.mtp_loss_weight > 0 else 0
+    step = start
+    while step < train_cfg.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, train_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = loader.step_batches()
+        # global counts of labelled tokens (main and each MTP depth) normalise the summed losses
+        local = [sum(float((b["labels"] != IGNORE_INDEX).sum()) for b in batches)]
+        for k in range(depth):
+            local.append(sum(float((mtp_targets(b["labels"], b["segment_ids"], depth)[k] != IGNORE_INDEX).sum()) for b in batches))
+        counts = _global_sum(local, meshes.dp_group)
+        lm_sum = 0.0
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"],
+                        return_logits=False, reduction="sum")
+            loss = out.lm_loss / max(counts[0], 1)
+            if depth:
+                loss = loss + train_cfg.mtp_loss_weight * sum(out.mtp_loss[k] / max(counts[1 + k], 1) for k in range(depth)) / depth
+            loss.backward()
+            lm_sum += float(out.lm_loss.detach())
+        grad_norm = float(clip_grad_norm(model, train_cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        imbalance = update_expert_bias(model, train_cfg.bias_update_rate, reduce)
+        step += 1
+        loss_sum, stop_votes = _global_sum([lm_sum, float(stop.requested)], meshes.dp_group if world == dp_size else None)
+        elapsed = time.perf_counter() - t0
+        tokens = counts[0]
+        tps = data_cfg.seq_length * train_cfg.global_batch_size / elapsed
+        metrics = {"loss": loss_sum / max(counts[0], 1), "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
+                   "label_tokens": int(tokens), "mfu": flops_per_token * tps / world / peak_flops,
+                   "expert_imbalance": float(imbalance) if imbalance is not None else 0.0, "mem_gib": peak_memory_gib(device),
+                   "step_seconds": elapsed}
+        log.log(step, metrics, console=step % train_cfg.log_interval == 0 or step == train_cfg.max_steps or step == start + 1)
+        interval_hit = recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0
+        if interval_hit or step == train_cfg.max_steps or stop_votes > 0:
+            state = {"step": step, "data": loader.state_dict(), "layout": layout, "fingerprint": current["fingerprint"],
+                     "recipe": recipe.name}
+            path = checkpoint.save(save_dir, step, model, optimizer, state, recipe.checkpoint.keep)
+            log.info(f"moe-launch: checkpoint {path}")
+        if stop_votes > 0 and step < train_cfg.max_steps:
+            log.info(f"moe-launch: stopping at step {step} after SIGUSR2; exit {REQUEUE_EXIT_CODE} asks for a requeue")
+            log.close()
+            return REQUEUE_EXIT_CODE
+    log.info(f"moe-launch: done: {step} steps")
+    log.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.main")
+    ap.add_argument("--run-dir", required=True, type=Path)
+    args = ap.parse_args(argv)
+    code = 1
+    try:
+        code = train(args.run_dir)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr, flush=True)
+        code = EXIT_REFUSED if isinstance(exc.code, str) else (exc.code or 0)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    if dist.is_initialized():
+        if code in (0, REQUEUE_EXIT_CODE):
+            dist.barrier()  # only on success: a failed peer would leave this waiting
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: a finished gloo job can otherwise abort in a worker thread during interpreter shutdown
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Per-step metrics: a console line with a progress bar (rank 0), ``metrics.jsonl`` in the run
+directory, and TensorBoard event files under ``tensorboard/`` when the tensorboard package is installed."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (process peak RSS)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, max_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.t0 = time.perf_counter()
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, step: int, metrics: dict, console: bool) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if console:
+            done = step / self.max_steps
+            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+            print(f"step {step:>6}/{self.max_steps} [{bar}] loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+                  f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:,.0f} mfu {metrics['mfu']:.2%} "
+                  f"imbalance {metrics.get('expert_imbalance', 0):.2f} mem {metrics['mem_gib']:.2f}G", flush=True)
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,161 @@
+"""Tokenizers: the built-in byte-level one (tests, smoke run) and a wrapper around Hugging Face ``tokenizers``.
+
+Both expose the same small interface: ``encode(text) -> list[int]`` (never adds special tokens),
+``decode(ids) -> str``, ``vocab_size``, ``bos_id`` / ``eos_id`` / ``pad_id`` (``None`` when absent) and
+``token_to_id(token) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+class ByteTokenizer:
+    """Ids 0..255 are UTF-8 bytes, followed by five special tokens; 261 ids in all."""
+
+    SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+
+    def __init__(self):
+        self._special = {tok: 256 + i for i, tok in enumerate(self.SPECIAL_TOKENS)}
+        self._special_by_id = {i: tok for tok, i in self._special.items()}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIAL_TOKENS) + ")")
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.SPECIAL_TOKENS)
+
+    @property
+    def pad_id(self) -> int:
+        return self._special["<|pad|>"]
+
+    @property
+    def bos_id(self) -> int:
+        return self._special["<|bos|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special["<|eos|>"]
+
+    def token_to_id(self, token: str) -> int | None:
+        """A special token's id, a single byte's id, else None."""
+        if token in self._special:
+            return self._special[token]
+        raw = token.encode("utf-8")
+        return raw[0] if len(raw) == 1 else None
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes; special-token strings in ``text`` become their ids."""
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self._special:
+                ids.append(self._special[part])
+            elif part:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids) -> str:
+        """Inverse of ``encode`` (invalid UTF-8 is replaced)."""
+        out: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf.clear()
+            if i not in self._special_by_id:
+                raise ValueError(f"token id {i} is out of range for the byte tokenizer (vocab size {self.vocab_size})")
+            out.append(self._special_by_id[i])
+        if buf:
+            out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+_BOS_NAMES = ("<|begin▁of▁sentence|>", "<s>", "<|begin_of_text|>")
+_EOS_NAMES = ("<|end▁of▁sentence|>", "</s>", "<|endoftext|>", "<|end_of_text|>")
+_PAD_NAMES = ("<|pad|>", "<pad>", "<|▁pad▁|>")
+
+
+class HFTokenizer:
+    """A ``tokenizer.json`` (Hugging Face ``tokenizers``); bos/eos/pad from ``tokenizer_config.json`` when present."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {file} (expected a tokenizer.json or a directory holding one)")
+        self.path = file
+        self._tok = Tokenizer.from_file(str(file))
+        config = self._read_config(file.parent / "tokenizer_config.json")
+        self._bos = self._lookup(config.get("bos_token"), _BOS_NAMES)
+        self._eos = self._lookup(config.get("eos_token"), _EOS_NAMES)
+        self._pad = self._lookup(config.get("pad_token"), _PAD_NAMES)
+
+    @staticmethod
+    def _read_config(file: Path) -> dict:
+        if not file.is_file():
+            return {}
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{file}: not valid JSON: {e}") from e
+        return data if isinstance(data, dict) else {}
+
+    def _lookup(self, configured, fallbacks: tuple[str, ...]) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        if isinstance(configured, str):
+            return self._tok.token_to_id(configured)
+        for name in fallbacks:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without automatically added special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r})"
+
+
+def load_tokenizer(spec: str):
+    """``"byte"`` -> ByteTokenizer; otherwise a tokenizer.json file or a directory holding one."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path does not exist: {path} (data.tokenizer must be 'byte' or a tokenizer.json / its directory)")
+    return HFTokenizer(path)
