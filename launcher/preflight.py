@@ -12,11 +12,13 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
-from launcher import memory
+from pathlib import Path
+
+from launcher import memory, resume
 from launcher.cluster import ClusterProfile
 from launcher.errors import Problem
 from launcher.layout import Layout, split_layers
-from launcher.recipe import Recipe
+from launcher.recipe import Recipe, fingerprint
 from launcher.recipe_loader import validate_fields
 
 
@@ -211,4 +213,9 @@ def run_preflight(recipe: Recipe, profile: ClusterProfile, memory_check: bool = 
         derived = tuple(k for k in ("tp", "pp", "vpp", "ep", "etp", "cp") if getattr(par, k) is None)
         best.layout = Layout(**{**best.layout.__dict__, "derived": derived})
     best.problems = base + best.problems
+    if best.layout is not None and recipe.checkpoint.resume and recipe.checkpoint.save_dir:
+        try:
+            resume.check_save_dir(Path(os.path.expanduser(recipe.checkpoint.save_dir)), {"fingerprint": fingerprint(recipe), "layout": best.layout.dims()})
+        except resume.ResumeRefused as exc:
+            best.problems.append(Problem("error", "checkpoint.save_dir", f"cannot resume: {exc}"))
     return best

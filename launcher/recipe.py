@@ -6,6 +6,9 @@ structured configs, so overrides and YAML round trips are type-checked against t
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -98,6 +101,12 @@ class Recipe:
     peft: Peft = field(default_factory=Peft)
     backend: Backend = field(default_factory=Backend)
     env: Dict[str, str] = field(default_factory=dict)  # extra environment for the job
+
+
+def fingerprint(recipe: "Recipe") -> str:
+    """What must not change across a resume: the model and the PEFT setup."""
+    blob = json.dumps({"model": dataclasses.asdict(recipe.model), "peft": dataclasses.asdict(recipe.peft)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # Allowed values of the string-choice fields, checked after overrides (see launcher.validate).

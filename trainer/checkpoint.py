@@ -8,8 +8,6 @@ rank 0 renames it, so a directory without ``.partial`` is always complete. The n
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -20,22 +18,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+from launcher.recipe import fingerprint  # noqa: F401  (re-exported for the trainer)
+from launcher.resume import RESUMABLE_CHANGES, ResumeRefused, check_compatible, latest  # noqa: F401
 
-
-class ResumeRefused(RuntimeError):
-    """The checkpoint cannot continue with this recipe or layout."""
-
-
-def fingerprint(recipe) -> str:
-    """What must not change across a resume: the model and the PEFT setup."""
-    blob = json.dumps({"model": dataclasses.asdict(recipe.model), "peft": dataclasses.asdict(recipe.peft)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def latest(save_dir: Path) -> Path | None:
-    steps = sorted(p for p in save_dir.glob("step-*") if _STEP_DIR.match(p.name) and (p / "trainer.json").exists())
-    return steps[-1] if steps else None
+_STEP_DIR = re.compile(r"^step-(\d{8})$")  # complete checkpoints (see launcher.resume)
 
 
 def save(save_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
@@ -61,17 +47,6 @@ def save(save_dir: Path, step: int, model, optimizer, trainer_state: dict, keep:
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def check_compatible(saved: dict, current: dict) -> None:
-    """Refuse, before training starts, a resume the checkpoint cannot serve."""
-    if saved.get("fingerprint") != current["fingerprint"]:
-        raise ResumeRefused("the checkpoint was written for another model or PEFT configuration "
-                            f"(fingerprint {saved.get('fingerprint')} vs {current['fingerprint']}); start a new save_dir")
-    for dim in ("tp", "pp", "vpp", "cp", "etp"):
-        if saved["layout"].get(dim, 1) != current["layout"].get(dim, 1):
-            raise ResumeRefused(f"the checkpoint was written with {dim.upper()}={saved['layout'].get(dim)}; this run has "
-                                f"{dim.upper()}={current['layout'].get(dim)}. Only DP and EP may change on resume")
 
 
 def load(path: Path, model, optimizer, current: dict) -> dict:

@@ -37,6 +37,7 @@ from trainer.parallel import apply_fsdp, dp_all_reduce, materialize, set_paralle
 from trainer.tokenizer import load_tokenizer
 
 EXIT_REFUSED = 2
+EXIT_CODE_FILE = "EXIT_CODE"  # "<code> <reason>": torchrun reports any failed worker as 1, the job script reads this
 
 
 class StopFlag:
@@ -75,6 +76,8 @@ def train(run_dir: Path) -> int:
     if world != expected:
         raise SystemExit(f"moe-launch: error: {world} ranks started, the plan needs {expected}")
     stop = StopFlag()
+    if rank == 0:
+        (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
     train_cfg, data_cfg = recipe.train, recipe.data
     torch.manual_seed(train_cfg.seed)
 
@@ -106,6 +109,8 @@ def train(run_dir: Path) -> int:
             saved = checkpoint.load(found, model, optimizer, current)
         except checkpoint.ResumeRefused as exc:
             log.info(f"moe-launch: error: cannot resume from {found}: {exc}")
+            if rank == 0:
+                (run_dir / EXIT_CODE_FILE).write_text(f"{EXIT_REFUSED} resume refused\n")
             return EXIT_REFUSED
         start = saved["step"]
         loader.load_state_dict(saved["data"])
@@ -160,6 +165,8 @@ def train(run_dir: Path) -> int:
             path = checkpoint.save(save_dir, step, model, optimizer, state, recipe.checkpoint.keep)
             log.info(f"moe-launch: checkpoint {path}")
         if stop_votes > 0 and step < train_cfg.max_steps:
+            if rank == 0:
+                (run_dir / EXIT_CODE_FILE).write_text(f"{REQUEUE_EXIT_CODE} checkpointed at step {step} after SIGUSR2\n")
             log.info(f"moe-launch: stopping at step {step} after SIGUSR2; exit {REQUEUE_EXIT_CODE} asks for a requeue")
             log.close()
             return REQUEUE_EXIT_CODE
