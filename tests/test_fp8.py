@@ -264,14 +264,17 @@ import json, resource, sys
 import torch
 from model.fp8 import convert_fp8_to_bf16
 
-def rss_kib():
+def status_kib(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
 
-before_peak, before_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+# Reset the peak (VmHWM) to the current RSS, so only the conversion's own peak is measured.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before_peak, before_now = status_kib("VmHWM"), status_kib("VmRSS")
 convert_fp8_to_bf16(sys.argv[1], sys.argv[2], log=lambda m: None)
-after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after_peak = status_kib("VmHWM")
 print(json.dumps({"before_peak_kib": before_peak, "before_rss_kib": before_now, "after_peak_kib": after_peak}))
 """
 
@@ -287,7 +290,7 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
     out_sizes = [p.stat().st_size for p in dst.glob("*.safetensors")]
     assert len(out_sizes) == 6
     largest_mib, total_mib = max(out_sizes) / 2**20, sum(out_sizes) / 2**20
-    # Measured from the RSS just before converting (<= the peak so far), so earlier peaks cannot hide growth.
+    # Peak RSS (VmHWM, reset just before converting) minus the RSS at that moment.
     growth_mib = (m["after_peak_kib"] - m["before_rss_kib"]) / 1024
     print(f"peak RSS growth {growth_mib:.0f} MiB; largest output shard {largest_mib:.0f} MiB; all output {total_mib:.0f} MiB; {m}")
     assert growth_mib < 2.5 * largest_mib + 64

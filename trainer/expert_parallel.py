@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 
 class ExpertParallelDispatcher:
@@ -32,7 +32,7 @@ class ExpertParallelDispatcher:
         counts_recv = counts_recv.view(ep, n_local)
         send_splits = counts.view(ep, n_local).sum(1).tolist()
         recv_splits = counts_recv.sum(1).tolist()
-        received = all_to_all_single(x.new_empty(sum(recv_splits), x.shape[-1]), x, recv_splits, send_splits, group=self.group)
+        received = all_to_all_single_autograd(x, recv_splits, send_splits, self.group)
 
         # received is ordered (source, expert); the experts want (expert, source)
         order = _regroup_order(counts_recv)
@@ -40,7 +40,7 @@ class ExpertParallelDispatcher:
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
         y = y.index_select(0, back)
-        return all_to_all_single(y.new_empty(sum(send_splits), y.shape[-1]), y, send_splits, recv_splits, group=self.group)
+        return all_to_all_single_autograd(y, send_splits, recv_splits, self.group)
 
 
 def _regroup_order(counts: torch.Tensor) -> torch.Tensor:
