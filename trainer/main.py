@@ -75,6 +75,8 @@ def train(run_dir: Path) -> int:
     expected = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
     if world != expected:
         raise SystemExit(f"moe-launch: error: {world} ranks started, the plan needs {expected}")
+    if recipe.peft.method != "none" or layout["cp"] != 1:
+        raise SystemExit(f"moe-launch: error: the native trainer does not do {'LoRA' if recipe.peft.method != 'none' else 'context parallelism'} yet")
     stop = StopFlag()
     if rank == 0:
         (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
@@ -109,8 +111,6 @@ def train(run_dir: Path) -> int:
             saved = checkpoint.load(found, model, optimizer, current)
         except checkpoint.ResumeRefused as exc:
             log.info(f"moe-launch: error: cannot resume from {found}: {exc}")
-            if rank == 0:
-                (run_dir / EXIT_CODE_FILE).write_text(f"{EXIT_REFUSED} resume refused\n")
             return EXIT_REFUSED
         start = saved["step"]
         loader.load_state_dict(saved["data"])
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         code = 1
+    if code not in (0, 1) and os.environ.get("RANK", "0") == "0" and not (args.run_dir / EXIT_CODE_FILE).exists():
+        (args.run_dir / EXIT_CODE_FILE).write_text(f"{code} refused (see the message above)\n")
     if dist.is_initialized():
         if code in (0, REQUEUE_EXIT_CODE):
             dist.barrier()  # only on success: a failed peer would leave this waiting

@@ -42,7 +42,8 @@ class Meshes:
 
 def build_meshes(device_type: str, pp: int, dp: int, ep: int, tp: int) -> Meshes:
     if pp != 1 or tp != 1:
-        raise NotImplementedError("tensor and pipeline parallelism are not in this trainer yet (TP=1, PP=1 only)")
+        raise SystemExit(f"moe-launch: error: the native trainer does not do tensor or pipeline parallelism yet "
+                         f"(plan has TP={tp}, PP={pp}); use parallel.tp=1 parallel.pp=1")
     if dp % ep:
         raise ValueError(f"EP={ep} must divide DP={dp}")
     world = init_device_mesh(device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
