@@ -97,22 +97,50 @@ def _ours_to_hub_prefix(name: str, cfg: ModelConfig) -> str:
     return "model." + name
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
-    """hub key -> (our tensor to fill, expert slot in it or None) for everything this model holds."""
+def expected_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[slice, ...], tuple[int, ...]]]:
+    """hub key -> (local tensor to fill, region of the hub tensor it holds, full hub shape).
+
+    Works for plain and sharded (DTensor: FSDP, expert-parallel) models alike: each rank lists only
+    the experts and the parts of tensors it holds.
+    """
     cfg: ModelConfig = model.cfg
-    out: dict[str, tuple[torch.Tensor, int | None]] = {}
+    out: dict[str, tuple[torch.Tensor, tuple[slice, ...], tuple[int, ...]]] = {}
     experts = {name: mod for name, mod in model.named_modules() if isinstance(mod, GroupedExperts)}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith("tokens_per_expert"):
             continue  # runtime counters, not checkpoint state
+        local, region = local_region(tensor)
         owner, _, attr = name.rpartition(".")
         if owner in experts:
-            mod = experts[owner]
-            for slot in range(mod.n_local):
-                out[f"{_ours_to_hub_prefix(owner, cfg)}.{mod.first_expert + slot}.{attr}.weight"] = (tensor, slot)
+            prefix = _ours_to_hub_prefix(owner, cfg)
+            # a DTensor's region knows its experts; a plain partial stack says where it starts
+            first = region[0].start if hasattr(tensor, "to_local") else experts[owner].first_expert
+            for i, e in enumerate(range(first, first + local.shape[0])):
+                out[f"{prefix}.{e}.{attr}.weight"] = (local[i], region[1:], tuple(tensor.shape[1:]))
         else:
-            out[_ours_to_hub_prefix(name, cfg)] = (tensor, None)
+            out[_ours_to_hub_prefix(name, cfg)] = (local, region, tuple(tensor.shape))
     return out
+
+
+def local_region(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(local tensor, the slices of the global tensor it holds) for a DTensor or a plain tensor."""
+    if hasattr(t, "to_local"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    return t, tuple(slice(0, n) for n in t.shape)
+
+
+def _other_experts(model: nn.Module, wanted: dict) -> set[str]:
+    """Hub keys of the routed experts this (expert-parallel) rank does not hold."""
+    cfg: ModelConfig = model.cfg
+    keys = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            prefix = _ours_to_hub_prefix(name, cfg)
+            keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(cfg.n_routed_experts) for proj in ("gate_proj", "up_proj", "down_proj")}
+    return keys - wanted.keys()
 
 
 def _shared_mtp_copies(cfg: ModelConfig) -> set[str]:
@@ -154,7 +182,8 @@ def load_hf_weights(model: nn.Module, path: str | Path, strict: bool = True, ign
     weight_map = _weight_map(path)
     shared = _shared_mtp_copies(cfg)
     missing = sorted(k for k in wanted if k not in weight_map)
-    unexpected = sorted(k for k in weight_map if k not in wanted and k not in shared)
+    held_elsewhere = _other_experts(model, wanted)  # experts of other expert-parallel ranks
+    unexpected = sorted(k for k in weight_map if k not in wanted and k not in shared and k not in held_elsewhere)
     if ignore_unexpected:
         unexpected = []
     bad_shape = []
@@ -166,16 +195,15 @@ def load_hf_weights(model: nn.Module, path: str | Path, strict: bool = True, ign
     for shard, keys in sorted(by_shard.items()):
         with safe_open(path / shard, framework="pt") as f:
             for key in keys:
-                target, slot = wanted[key]
-                dest = target[slot] if slot is not None else target
+                dest, region, full_shape = wanted[key]
                 src = f.get_slice(key)
-                if tuple(src.get_shape()) != tuple(dest.shape):
-                    bad_shape.append(f"{key}: checkpoint {tuple(src.get_shape())} vs model {tuple(dest.shape)}")
+                if tuple(src.get_shape()) != full_shape:
+                    bad_shape.append(f"{key}: checkpoint {tuple(src.get_shape())} vs model {full_shape}")
                     continue
-                t = f.get_tensor(key)
-                if t.dtype == torch.float8_e4m3fn:
+                if src.get_dtype() in ("F8_E4M3", "F8_E5M2"):
                     raise CheckpointMismatch(f"{path}: {key} is FP8; convert the checkpoint first: moe-convert-fp8 SRC DST")
-                _local(dest).copy_(_local_slice(t, dest))
+                part = src[region] if region else f.get_tensor(key)  # reads only this rank's region
+                dest.copy_(part)
                 loaded += 1
     problems = []
     if missing and strict:
@@ -189,20 +217,6 @@ def load_hf_weights(model: nn.Module, path: str | Path, strict: bool = True, ign
     return {"loaded": loaded, "missing": missing, "shards": len(by_shard)}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (the tensor itself otherwise)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _local_slice(full: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
-    """The part of a full checkpoint tensor that this rank's (possibly DTensor-sharded) ``dest`` holds."""
-    if not hasattr(dest, "to_local"):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(dest.dtype), dest.device_mesh, dest.placements, src_data_rank=None).to_local()
-
-
 # ------------------------------------------------------------------------------- save
 @torch.no_grad()
 def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = None) -> None:
@@ -213,8 +227,10 @@ def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024*
     path.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.cfg
     tensors: dict[str, torch.Tensor] = {}
-    for key, (t, slot) in expected_tensors(model).items():
-        v = (t[slot] if slot is not None else t).detach()
+    for key, (t, region, full_shape) in expected_tensors(model).items():
+        if tuple(t.shape) != full_shape:
+            raise ValueError("save_hf needs the whole model in one process; consolidate a sharded checkpoint first")
+        v = t.detach()
         if dtype is not None and v.is_floating_point() and not key.endswith("e_score_correction_bias"):
             v = v.to(dtype)
         tensors[key] = v.contiguous().cpu()

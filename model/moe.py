@@ -153,8 +153,9 @@ class MoE(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         weights, ids, scores = self.gate(flat)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).float()
+        if torch._C._current_graph_task_id() == -1:  # not during a backward-time recomputation
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).float()
         out = self.route(flat, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

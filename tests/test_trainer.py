@@ -70,21 +70,54 @@ def max_diff(a: dict, b: dict) -> float:
 def reference(env):
     runs = env[1] / "ref"
     run, _ = train(env, runs, 1, "parallel.ep=1")
-    return losses(run), final_weights(run / "checkpoints")
+    imbalance = [json.loads(line)["expert_imbalance"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return losses(run), final_weights(run / "checkpoints"), imbalance
 
 
 @pytest.mark.parametrize("name, procs, overrides", [
     ("dp2", 2, ["parallel.ep=1"]),
     ("ep2", 2, ["parallel.ep=2"]),
+    ("ep2-recompute", 2, ["parallel.ep=2", "parallel.recompute=full"]),
+    ("dp1-selective", 1, ["parallel.ep=1", "parallel.recompute=selective"]),
 ])
 def test_parallel_layout_equals_single_process(env, reference, name, procs, overrides):
     run, res = train(env, env[1] / name, procs, *overrides)
-    ref_losses, ref_weights = reference
+    ref_losses, ref_weights, _ = reference
     got = losses(run)
     assert len(got) == len(ref_losses) == 4
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) <= 2e-5, (got, ref_losses)
     assert max_diff(final_weights(run / "checkpoints"), ref_weights) <= 2e-5
     assert ref_losses[-1] < ref_losses[0]
+    # expert loads are counted once per token even when layers are recomputed
+    imbalance = [json.loads(line)["expert_imbalance"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert imbalance == pytest.approx(reference[2], abs=1e-4)
+
+
+def test_start_from_hf_weights_on_any_layout(env, tmp_path):
+    """checkpoint.load reads an HF directory region by region; step 1's loss is the loaded model's loss."""
+    from model.hf_io import load_hf_model, save_hf
+    from model.presets import preset
+    from model.transformer import build_model
+    from trainer.data import build_train_loader
+    from trainer.main import load_run
+    from trainer.tokenizer import load_tokenizer
+
+    save_hf(build_model(preset("tiny"), seed=7), tmp_path / "hf")
+    first = {}
+    for procs, ep in ((1, 1), (2, 2)):
+        run, _ = train(env, env[1] / f"hf{procs}", procs, f"parallel.ep={ep}", f"checkpoint.load={tmp_path / 'hf'}", "train.max_steps=2")
+        first[procs] = losses(run)
+    recipe, _, _ = load_run(run)
+    loader = build_train_loader(recipe.data, recipe.train, load_tokenizer("byte"), 0, 1)
+    model = load_hf_model(tmp_path / "hf")
+    with torch.no_grad():
+        total = count = 0.0
+        for b in loader.step_batches():
+            out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"], reduction="sum")
+            total += float(out.lm_loss)
+            count += float((b["labels"] != -100).sum())
+    assert first[1][0] == pytest.approx(total / count, abs=1e-5)
+    assert first[2] == pytest.approx(first[1], abs=2e-5)
 
 
 def _wait_for_step(run_root: Path, step: int, proc, timeout=120):

@@ -33,7 +33,7 @@ from trainer import checkpoint
 from trainer.data import build_train_loader
 from trainer.metrics import MetricsLogger, peak_memory_gib
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
-from trainer.parallel import apply_fsdp, dp_all_reduce, materialize, set_parallel
+from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
 from trainer.tokenizer import load_tokenizer
 
 EXIT_REFUSED = 2
@@ -56,6 +56,23 @@ def load_run(run_dir: Path) -> tuple[Recipe, ClusterProfile, dict]:
     profile = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterProfile), OmegaConf.load(run_dir / "cluster.yaml")))
     plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
     return recipe, profile, plan
+
+
+def load_weights(model, path: str, fmt: str) -> None:
+    """Starting weights: an HF-format directory (each rank reads only its regions) or a moe-launch DCP checkpoint."""
+    path = Path(os.path.expanduser(path))
+    if fmt == "hf":
+        from model.hf_io import load_hf_weights
+
+        load_hf_weights(model, path)
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    step = checkpoint.latest(path) or path  # a save_dir or one step-N directory
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(step))
+    set_model_state_dict(model, state["model"])
 
 
 def _global_sum(values: list[float], group=None) -> list[float]:
@@ -86,10 +103,11 @@ def train(run_dir: Path) -> int:
     # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
     model = build_model(recipe.model, device="meta", mtp_loss_weight=train_cfg.mtp_loss_weight)
     meshes = set_parallel(model, device.type, layout)
+    apply_activation_checkpointing(model, recipe.parallel.recompute)
     apply_fsdp(model, meshes, torch.bfloat16 if train_cfg.precision == "bf16" else None)
     materialize(model, device, train_cfg.seed)
     if recipe.checkpoint.load:
-        raise SystemExit("moe-launch: error: checkpoint.load (HF weights) is not supported by this trainer version yet")
+        load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format)
     model.train()
     optimizer = build_optimizer(model, train_cfg)
 

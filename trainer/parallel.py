@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import Shard, distribute_tensor
 
+from model.hf_io import local_region
 from model.moe import GroupedExperts, MoE, Router
 from model.norm import RMSNorm
 from trainer.expert_parallel import ExpertParallelDispatcher
@@ -64,6 +64,18 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> None:
             moe.dispatcher = ExpertParallelDispatcher(ep_mesh.get_group(), moe.cfg.n_routed_experts)
 
 
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute in backward instead of storing: ``full`` = whole decoder layers, ``selective`` = the
+    attention blocks only (the MoE activations stay). Composable checkpoint keeps parameter names.
+    Apply before FSDP."""
+    from torch.distributed._composable import checkpoint
+
+    if mode == "none":
+        return
+    for layer in list(model.layers.values()) + list(model.mtp):
+        checkpoint(layer if mode == "full" else layer.self_attn)
+
+
 def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: torch.dtype | None) -> None:
     """FSDP2: experts over edp (sharded on dim 1, keeping whole experts per rank), each layer and the root over dp."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -77,14 +89,6 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: torch.dtype | None
     for m in managed:  # sum: the loss is already divided by the global token count
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-
-
-def local_region(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """(local tensor, the slices of the global tensor it holds) for a DTensor or a plain tensor."""
-    if isinstance(t, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
-    return t, tuple(slice(0, n) for n in t.shape)
 
 
 def _generator(seed: int, *key) -> torch.Generator:
