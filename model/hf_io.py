@@ -107,8 +107,8 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[sl
     out: dict[str, tuple[torch.Tensor, tuple[slice, ...], tuple[int, ...]]] = {}
     experts = {name: mod for name, mod in model.named_modules() if isinstance(mod, GroupedExperts)}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("tokens_per_expert"):
-            continue  # runtime counters, not checkpoint state
+        if name.endswith("tokens_per_expert") or ".lora_A." in name or ".lora_B." in name:
+            continue  # runtime counters and LoRA adapters are not part of a base checkpoint
         local, region = local_region(tensor)
         owner, _, attr = name.rpartition(".")
         if owner in experts:

@@ -93,6 +93,18 @@ def test_parallel_layout_equals_single_process(env, reference, name, procs, over
     assert imbalance == pytest.approx(reference[2], abs=1e-4)
 
 
+def test_lora_trains_adapters_only_on_any_layout(env):
+    lora = ["peft.method=lora", "peft.targets=[q_a_proj,q_b_proj,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]", "train.lr=1e-2"]
+    got = {}
+    for procs, ep in ((1, 1), (2, 2)):
+        run, res = train(env, env[1] / f"lora{procs}", procs, f"parallel.ep={ep}", *lora)
+        got[procs] = losses(run)
+        weights = final_weights(run / "checkpoints")
+        assert any(".lora_A." in k for k in weights)
+    assert got[2] == pytest.approx(got[1], abs=2e-5)
+    assert got[1][-1] < got[1][0]
+
+
 def test_start_from_hf_weights_on_any_layout(env, tmp_path):
     """checkpoint.load reads an HF directory region by region; step 1's loss is the loaded model's loss."""
     from model.hf_io import load_hf_model, save_hf

@@ -31,6 +31,7 @@ from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
+from trainer.lora import apply_lora, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
 from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
@@ -92,8 +93,8 @@ def train(run_dir: Path) -> int:
     expected = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
     if world != expected:
         raise SystemExit(f"moe-launch: error: {world} ranks started, the plan needs {expected}")
-    if recipe.peft.method != "none" or layout["cp"] != 1:
-        raise SystemExit(f"moe-launch: error: the native trainer does not do {'LoRA' if recipe.peft.method != 'none' else 'context parallelism'} yet")
+    if layout["cp"] != 1:
+        raise SystemExit("moe-launch: error: the native trainer does not do context parallelism yet")
     stop = StopFlag()
     if rank == 0:
         (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
@@ -102,12 +103,16 @@ def train(run_dir: Path) -> int:
 
     # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
     model = build_model(recipe.model, device="meta", mtp_loss_weight=train_cfg.mtp_loss_weight)
+    if recipe.peft.method == "lora":
+        apply_lora(model, recipe.peft, seed=train_cfg.seed)  # adapters on meta too; initialised after loading
     meshes = set_parallel(model, device.type, layout)
     apply_activation_checkpointing(model, recipe.parallel.recompute)
     apply_fsdp(model, meshes, torch.bfloat16 if train_cfg.precision == "bf16" else None)
     materialize(model, device, train_cfg.seed)
     if recipe.checkpoint.load:
         load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format)
+    if recipe.peft.method == "lora":
+        init_lora(model, train_cfg.seed)
     model.train()
     optimizer = build_optimizer(model, train_cfg)
 
@@ -153,7 +158,8 @@ def train(run_dir: Path) -> int:
             local.append(sum(float((mtp_targets(b["labels"], b["segment_ids"], depth)[k] != IGNORE_INDEX).sum()) for b in batches))
         counts = _global_sum(local, meshes.dp_group)
         lm_sum = 0.0
-        for b in batches:
+        for i, b in enumerate(batches):
+            model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             b = {k: v.to(device) for k, v in b.items()}
             out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"],
                         return_logits=False, reduction="sum")
