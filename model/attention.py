@@ -36,6 +36,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * cfg.v_head_dim, h, bias=False)
+        # Under tensor parallelism each rank holds some heads; the shared rope key feeds all of them, so
+        # its gradient must be summed over the TP group. The trainer installs that here.
+        self.shared_key_hook = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S] (True = attend)."""
@@ -50,6 +53,8 @@ class MLA(nn.Module):
 
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope.view(b, 1, s, self.rope), cos, sin)
+        if self.shared_key_hook is not None:
+            k_rope = self.shared_key_hook(k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         # Fused (flash) kernels want one head dim for q, k and v: pad v with zeros, drop the padding after.

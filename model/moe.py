@@ -148,6 +148,7 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
         self.dispatcher = None  # None: all experts local
+        self.expert_runner = None  # None: self.experts; tensor parallelism wraps them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
@@ -172,7 +173,8 @@ class MoE(nn.Module):
         token = order // k
         counts = torch.bincount(flat_ids, minlength=self.cfg.n_routed_experts)
         xs = x.index_select(0, token)
-        ys = self.dispatcher(xs, counts, self.experts) if self.dispatcher is not None else self.experts(xs, counts)
+        experts = self.expert_runner or self.experts
+        ys = self.dispatcher(xs, counts, experts) if self.dispatcher is not None else experts(xs, counts)
         ys = (ys.float() * weights.flatten()[order].unsqueeze(-1)).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 

@@ -1,8 +1,9 @@
 """The native trainer for real: torchrun + gloo on CPU through `launch --cluster`, compared across layouts.
 
-Tolerances: parallel runs sum gradients in another order than one process, so losses and weights
-agree to float32 rounding (<= 2e-5 absolute after a few AdamW steps); a resume on the same layout is
-bitwise identical.
+Tolerances: parallel runs sum gradients in another order than one process, so losses agree to float32
+rounding (<= 2e-5 after a few AdamW steps) and weights to 1e-4 (a tenth of one step at lr 1e-3: Adam
+divides each element's update by its own gradient scale, so rounding noise in a tiny gradient can move
+that element's update by a fraction of lr). A resume on the same layout is bitwise identical.
 """
 
 import json
@@ -29,7 +30,7 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("trainer")
     profiles = base / "profiles"
     profiles.mkdir()
-    for n in (1, 2):
+    for n in (1, 2, 4):
         (profiles / f"cpu{n}.yaml").write_text(
             f"name: cpu{n}\nexecutor: local\ndevice: cpu\nnodes: 1\ngpus_per_node: {n}\n"
             "gpu: {type: cpu, memory_gb: 8, peak_tflops: 1.0, assumed_mfu: 0.1}\nenv: {OMP_NUM_THREADS: '1'}\n")
@@ -79,6 +80,10 @@ def reference(env):
     ("ep2", 2, ["parallel.ep=2"]),
     ("ep2-recompute", 2, ["parallel.ep=2", "parallel.recompute=full"]),
     ("dp1-selective", 1, ["parallel.ep=1", "parallel.recompute=selective"]),
+    ("tp2", 2, ["parallel.tp=2", "parallel.ep=1"]),  # experts split by TP too (ETP=TP)
+    ("tp2-etp1", 2, ["parallel.tp=2", "parallel.ep=1", "parallel.etp=1"]),  # experts replicated over TP
+    ("dp2-tp2", 4, ["parallel.tp=2", "parallel.ep=1"]),
+    ("ep2-tp2", 4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
 ])
 def test_parallel_layout_equals_single_process(env, reference, name, procs, overrides):
     run, res = train(env, env[1] / name, procs, *overrides)
@@ -86,7 +91,7 @@ def test_parallel_layout_equals_single_process(env, reference, name, procs, over
     got = losses(run)
     assert len(got) == len(ref_losses) == 4
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) <= 2e-5, (got, ref_losses)
-    assert max_diff(final_weights(run / "checkpoints"), ref_weights) <= 2e-5
+    assert max_diff(final_weights(run / "checkpoints"), ref_weights) <= 1e-4
     assert ref_losses[-1] < ref_losses[0]
     # expert loads are counted once per token even when layers are recomputed
     imbalance = [json.loads(line)["expert_imbalance"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -104,6 +104,8 @@ def train(run_dir: Path) -> int:
     # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
     model = build_model(recipe.model, device="meta", mtp_loss_weight=train_cfg.mtp_loss_weight)
     if recipe.peft.method == "lora":
+        if layout["tp"] > 1:
+            raise SystemExit("moe-launch: error: the native trainer does not combine LoRA with tensor parallelism yet; use parallel.tp=1")
         apply_lora(model, recipe.peft, seed=train_cfg.seed)  # adapters on meta too; initialised after loading
     meshes = set_parallel(model, device.type, layout)
     apply_activation_checkpointing(model, recipe.parallel.recompute)
@@ -168,12 +170,13 @@ def train(run_dir: Path) -> int:
                 loss = loss + train_cfg.mtp_loss_weight * sum(out.mtp_loss[k] / max(counts[1 + k], 1) for k in range(depth)) / depth
             loss.backward()
             lm_sum += float(out.lm_loss.detach())
-        grad_norm = float(clip_grad_norm(model, train_cfg.grad_clip))
+        grad_norm = float(clip_grad_norm(model, train_cfg.grad_clip, meshes.pp_size))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         imbalance = update_expert_bias(model, train_cfg.bias_update_rate, reduce)
         step += 1
-        loss_sum, stop_votes = _global_sum([lm_sum, float(stop.requested)], meshes.dp_group if world == dp_size else None)
+        (loss_sum,) = _global_sum([lm_sum], meshes.dp_group)  # TP ranks hold the same loss: sum over DP only
+        (stop_votes,) = _global_sum([float(stop.requested)])  # every rank stops at the same step
         elapsed = time.perf_counter() - t0
         tokens = counts[0]
         tps = data_cfg.seq_length * train_cfg.global_batch_size / elapsed

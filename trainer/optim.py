@@ -32,12 +32,14 @@ def lr_at(step: int, train) -> float:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, pp_size: int = 1) -> torch.Tensor:
     """Global gradient norm over all ranks, then scale grads to ``max_norm`` (0 = no clipping).
 
-    Each rank's local shards partition the model once replicated placements are discounted, so the
-    squared norm is a sum of local squares over the whole world.
+    Sums local squares over the whole world, discounting copies: a gradient on mesh M is held by
+    (world / pp) / |M| groups of ranks outside M (e.g. TP ranks for a parameter FSDP shards over DP
+    only) and replicated along M's Replicate dimensions; pipeline stages hold different parameters.
     """
+    per_stage = (dist.get_world_size() if dist.is_initialized() else 1) // pp_size
     total = None
     for p in model.parameters():
         if p.grad is None:
@@ -46,7 +48,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
         local = g.to_local() if isinstance(g, DTensor) else g
         sq = local.float().pow(2).sum()
         if isinstance(g, DTensor):
-            copies = 1
+            copies = per_stage // g.device_mesh.size()
             for mesh_dim, placement in enumerate(g.placements):
                 if isinstance(placement, Replicate):
                     copies *= g.device_mesh.size(mesh_dim)

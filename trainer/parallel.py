@@ -12,6 +12,7 @@ the weights do not depend on the layout.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ class Meshes:
     dp: DeviceMesh
     ep: DeviceMesh
     edp: DeviceMesh
+    tp: DeviceMesh
+    pp_size: int = 1
 
     @property
     def dp_group(self):
@@ -41,14 +44,82 @@ class Meshes:
 
 
 def build_meshes(device_type: str, pp: int, dp: int, ep: int, tp: int) -> Meshes:
-    if pp != 1 or tp != 1:
-        raise SystemExit(f"moe-launch: error: the native trainer does not do tensor or pipeline parallelism yet "
-                         f"(plan has TP={tp}, PP={pp}); use parallel.tp=1 parallel.pp=1")
+    if pp != 1:
+        raise SystemExit(f"moe-launch: error: the native trainer does not do pipeline parallelism yet (plan has PP={pp}); use parallel.pp=1")
     if dp % ep:
         raise ValueError(f"EP={ep} must divide DP={dp}")
     world = init_device_mesh(device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
     dp_mesh = world["edp", "ep"]._flatten("dp")
-    return Meshes(world, dp_mesh, world["ep"], world["edp"])
+    return Meshes(world, dp_mesh, world["ep"], world["edp"], world["tp"], pp)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; backward sums the input gradient over the TP group (Megatron's f)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward sums partial outputs over the TP group; backward is the identity (Megatron's g)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class TensorParallelExperts:
+    """Runs GroupedExperts whose weights are split over TP (gate/up by rows of F, down by columns).
+
+    A plain callable, not a module, so the experts' parameters keep their one name."""
+
+    def __init__(self, experts: GroupedExperts, group):
+        self.inner = experts
+        self.group = group
+
+    def __call__(self, x, counts):
+        return _ReduceFromTP.apply(self.inner(_CopyToTP.apply(x, self.group), counts), self.group)
+
+
+def apply_tensor_parallel(model: nn.Module, meshes: Meshes, etp: int) -> None:
+    """Megatron-style TP with DTensor plans: per-head projections of MLA and the MLP inner dimension
+    are split over TP (column-parallel in, row-parallel out). The low-rank q/kv down-projections,
+    norms, router, embedding and output head stay replicated. With ETP = TP the routed experts are
+    split the same way (EP must then be 1)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp_mesh = meshes.tp
+    if tp_mesh.size() == 1:
+        return
+    for block in list(model.layers.values()) + list(model.mtp):
+        attn = block.self_attn
+        plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
+        plan["q_b_proj" if hasattr(attn, "q_b_proj") else "q_proj"] = ColwiseParallel()
+        parallelize_module(attn, tp_mesh, plan)
+        attn.shared_key_hook = functools.partial(_CopyToTP.apply, group=tp_mesh.get_group())
+        mlps = [block.mlp] if not isinstance(block.mlp, MoE) else ([block.mlp.shared_experts] if block.mlp.shared_experts is not None else [])
+        for mlp in mlps:
+            parallelize_module(mlp, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()})
+        if isinstance(block.mlp, MoE) and etp > 1:
+            experts = block.mlp.experts
+            for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+                full = getattr(experts, name)
+                setattr(experts, name, nn.Parameter(distribute_tensor(full.data, tp_mesh, [Shard(dim)], src_data_rank=None)))
+            block.mlp.expert_runner = TensorParallelExperts(experts, tp_mesh.get_group())
 
 
 def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> None:
@@ -76,6 +147,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         checkpoint(layer if mode == "full" else layer.self_attn)
 
 
+def _expert_fsdp_dim(p: nn.Parameter) -> Shard:
+    """FSDP shards experts on a dimension EP/TP do not already split (whole experts stay together under EP)."""
+    taken = {pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)}
+    return Shard(1) if 0 in taken else Shard(0)
+
+
 def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: torch.dtype | None) -> None:
     """FSDP2: experts over edp (sharded on dim 1, keeping whole experts per rank), each layer and the root over dp."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -83,7 +160,7 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: torch.dtype | None
     for layer in list(model.layers.values()) + list(model.mtp):
         if isinstance(layer.mlp, MoE):
             managed.append(fully_shard(layer.mlp.experts, mesh=meshes.edp, mp_policy=mp, reshard_after_forward=True,
-                                       shard_placement_fn=lambda p: Shard(1)))
+                                       shard_placement_fn=_expert_fsdp_dim))
         managed.append(fully_shard(layer, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=True))
     managed.append(fully_shard(model, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=False))
     for m in managed:  # sum: the loss is already divided by the global token count
@@ -127,8 +204,15 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 def set_parallel(model: nn.Module, device_type: str, layout: dict) -> Meshes:
     """Build meshes from the plan's layout dict and parallelise the (meta-device) model in place."""
+    if layout.get("sp"):
+        raise SystemExit("moe-launch: error: the native trainer does not do sequence parallelism yet; set parallel.sp=false")
+    if layout["etp"] not in (1, layout["tp"]) or (layout["etp"] > 1 and layout["ep"] > 1):
+        raise SystemExit(f"moe-launch: error: the native trainer splits experts either by EP or by TP (ETP=TP with EP=1); "
+                         f"plan has EP={layout['ep']} ETP={layout['etp']} TP={layout['tp']}")
     meshes = build_meshes(device_type, layout["pp"], layout["dp"], layout["ep"], layout["tp"])
-    apply_expert_parallel(model, meshes)
+    if layout["etp"] == 1:
+        apply_expert_parallel(model, meshes)
+    apply_tensor_parallel(model, meshes, layout["etp"])
     return meshes
 
 
