@@ -137,6 +137,30 @@ def test_start_from_hf_weights_on_any_layout(env, tmp_path):
     assert first[2] == pytest.approx(first[1], abs=2e-5)
 
 
+NO_MTP = ["model.num_nextn_predict_layers=0"]  # MTP is not combined with pipelining yet
+
+
+@pytest.fixture(scope="module")
+def reference_no_mtp(env):
+    run, _ = train(env, env[1] / "ref-nomtp", 1, "parallel.ep=1", *NO_MTP)
+    return losses(run), final_weights(run / "checkpoints")
+
+
+@pytest.mark.parametrize("name, procs, overrides", [
+    ("pp2-1f1b", 2, ["parallel.pp=2", "parallel.ep=1"]),
+    ("pp2-gpipe", 2, ["parallel.pp=2", "parallel.ep=1", "parallel.pp_schedule=gpipe"]),
+    ("pp2-vpp2-interleaved", 2, ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=1", "parallel.pp_schedule=interleaved_1f1b"]),
+    ("pp2-ep2", 4, ["parallel.pp=2", "parallel.ep=2"]),
+    ("pp2-tp2", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.ep=1"]),
+])
+def test_pipeline_layouts_equal_single_process(env, reference_no_mtp, name, procs, overrides):
+    run, _ = train(env, env[1] / name, procs, *NO_MTP, *overrides)
+    ref_losses, ref_weights = reference_no_mtp
+    got = losses(run)
+    assert max(abs(a - b) for a, b in zip(got, ref_losses)) <= 2e-5, (got, ref_losses)
+    assert max_diff(final_weights(run / "checkpoints"), ref_weights) <= 1e-4
+
+
 def _wait_for_step(run_root: Path, step: int, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:

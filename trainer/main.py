@@ -28,12 +28,13 @@ from launcher.cluster import ClusterProfile
 from launcher.recipe import Recipe
 from launcher.render import REQUEUE_EXIT_CODE
 from model.moe import AuxLossGrad, update_expert_bias
-from model.transformer import IGNORE_INDEX, build_model, mtp_targets
+from model.transformer import IGNORE_INDEX, build_model, causal_lm_loss, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
 from trainer.lora import apply_lora, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
+from trainer.pipeline import PipelineRankModel, build_schedule, build_stages
 from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
 from trainer.tokenizer import load_tokenizer
 
@@ -59,13 +60,14 @@ def load_run(run_dir: Path) -> tuple[Recipe, ClusterProfile, dict]:
     return recipe, profile, plan
 
 
-def load_weights(model, path: str, fmt: str) -> None:
-    """Starting weights: an HF-format directory (each rank reads only its regions) or a moe-launch DCP checkpoint."""
+def load_weights(model, path: str, fmt: str, partial: bool = False) -> None:
+    """Starting weights: an HF-format directory (each rank reads only its regions) or a moe-launch DCP
+    checkpoint. ``partial``: this rank holds only some layers (a pipeline stage)."""
     path = Path(os.path.expanduser(path))
     if fmt == "hf":
         from model.hf_io import load_hf_weights
 
-        load_hf_weights(model, path)
+        load_hf_weights(model, path, ignore_unexpected=partial)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
@@ -108,15 +110,32 @@ def train(run_dir: Path) -> int:
             raise SystemExit("moe-launch: error: the native trainer does not combine LoRA with tensor parallelism yet; use parallel.tp=1")
         apply_lora(model, recipe.peft, seed=train_cfg.seed)  # adapters on meta too; initialised after loading
     meshes = set_parallel(model, device.type, layout)
-    apply_activation_checkpointing(model, recipe.parallel.recompute)
-    apply_fsdp(model, meshes, torch.bfloat16 if train_cfg.precision == "bf16" else None)
-    materialize(model, device, train_cfg.seed)
+    pp, pp_rank = layout["pp"], meshes.pp.get_local_rank()
+    if pp > 1:
+        if recipe.model.num_nextn_predict_layers and train_cfg.mtp_loss_weight > 0:
+            raise SystemExit("moe-launch: error: the native trainer does not combine MTP with pipeline parallelism yet; "
+                             "set model.num_nextn_predict_layers=0 or train.mtp_loss_weight=0")
+        stages = build_stages(model, pp, layout["vpp"], pp_rank)
+        model = PipelineRankModel(model, [m for _, m in stages])  # what this rank holds, with the usual names
+        parts = [m for _, m in stages]
+    else:
+        stages, parts = [], [model]
+    for part in parts:
+        apply_activation_checkpointing(part, recipe.parallel.recompute)
+        apply_fsdp(part, meshes, torch.bfloat16 if train_cfg.precision == "bf16" else None)
+        materialize(part, device, train_cfg.seed)
     if recipe.checkpoint.load:
-        load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format)
+        load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format, partial=pp > 1)
     if recipe.peft.method == "lora":
         init_lora(model, train_cfg.seed)
     model.train()
     optimizer = build_optimizer(model, train_cfg)
+    has_first = any(m.first for _, m in stages)
+    has_last = any(m.last for _, m in stages)
+    norm = {"tokens": 1.0}  # the step's global labelled-token count, read by the pipeline's loss
+
+    def pipeline_loss(logits, labels):
+        return causal_lm_loss(logits, labels, "sum") / norm["tokens"]
 
     dp_rank, dp_size = meshes.dp.get_local_rank(), meshes.dp.size()
     tokenizer = load_tokenizer(data_cfg.tokenizer)
@@ -124,6 +143,9 @@ def train(run_dir: Path) -> int:
         raise SystemExit(f"moe-launch: error: tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size is {recipe.model.vocab_size}")
     loader = build_train_loader(data_cfg, train_cfg, tokenizer, dp_rank, dp_size)
     n_micro = loader.micro_batches_per_step
+    schedule = build_schedule(stages, pp * layout["vpp"], n_micro, recipe.parallel.pp_schedule, device, meshes.pp.get_group(),
+                              pipeline_loss, train_cfg.micro_batch_size, data_cfg.seq_length,
+                              torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32) if pp > 1 else None
     AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
 
     save_dir = Path(recipe.checkpoint.save_dir or run_dir / "checkpoints")
@@ -160,7 +182,16 @@ def train(run_dir: Path) -> int:
             local.append(sum(float((mtp_targets(b["labels"], b["segment_ids"], depth)[k] != IGNORE_INDEX).sum()) for b in batches))
         counts = _global_sum(local, meshes.dp_group)
         lm_sum = 0.0
-        for i, b in enumerate(batches):
+        if schedule is not None:
+            norm["tokens"] = max(counts[0], 1)
+            for _, m in stages:
+                m.begin_step([(b["position_ids"].to(device), b["segment_ids"].to(device)) for b in batches])
+            losses: list[torch.Tensor] = []
+            inputs = (torch.cat([b["input_ids"] for b in batches]).to(device),) if has_first else ()
+            target = torch.cat([b["labels"] for b in batches]).to(device) if has_last else None
+            schedule.step(*inputs, target=target, losses=losses if has_last else None)
+            lm_sum = sum(float(x) for x in losses) * norm["tokens"]
+        for i, b in enumerate(batches if schedule is None else []):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             b = {k: v.to(device) for k, v in b.items()}
             out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"],
@@ -174,15 +205,22 @@ def train(run_dir: Path) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         imbalance = update_expert_bias(model, train_cfg.bias_update_rate, reduce)
+        worst = torch.tensor(float(imbalance) if imbalance is not None else 0.0)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # pipeline ranks hold different layers
+        imbalance = worst.item()
         step += 1
-        (loss_sum,) = _global_sum([lm_sum], meshes.dp_group)  # TP ranks hold the same loss: sum over DP only
+        if pp > 1:  # only last-stage ranks have the loss; TP ranks hold copies of it
+            (loss_sum,) = _global_sum([lm_sum])
+            loss_sum /= layout["tp"]
+        else:
+            (loss_sum,) = _global_sum([lm_sum], meshes.dp_group)  # TP ranks hold the same loss: sum over DP only
         (stop_votes,) = _global_sum([float(stop.requested)])  # every rank stops at the same step
         elapsed = time.perf_counter() - t0
         tokens = counts[0]
         tps = data_cfg.seq_length * train_cfg.global_batch_size / elapsed
         metrics = {"loss": loss_sum / max(counts[0], 1), "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
                    "label_tokens": int(tokens), "mfu": flops_per_token * tps / world / peak_flops,
-                   "expert_imbalance": float(imbalance) if imbalance is not None else 0.0, "mem_gib": peak_memory_gib(device),
+                   "expert_imbalance": imbalance, "mem_gib": peak_memory_gib(device),
                    "step_seconds": elapsed}
         log.log(step, metrics, console=step % train_cfg.log_interval == 0 or step == train_cfg.max_steps or step == start + 1)
         interval_hit = recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0

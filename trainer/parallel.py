@@ -36,6 +36,7 @@ class Meshes:
     ep: DeviceMesh
     edp: DeviceMesh
     tp: DeviceMesh
+    pp: DeviceMesh
     pp_size: int = 1
 
     @property
@@ -44,13 +45,11 @@ class Meshes:
 
 
 def build_meshes(device_type: str, pp: int, dp: int, ep: int, tp: int) -> Meshes:
-    if pp != 1:
-        raise SystemExit(f"moe-launch: error: the native trainer does not do pipeline parallelism yet (plan has PP={pp}); use parallel.pp=1")
     if dp % ep:
         raise ValueError(f"EP={ep} must divide DP={dp}")
     world = init_device_mesh(device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
     dp_mesh = world["edp", "ep"]._flatten("dp")
-    return Meshes(world, dp_mesh, world["ep"], world["edp"], world["tp"], pp)
+    return Meshes(world, dp_mesh, world["ep"], world["edp"], world["tp"], world["pp"], pp)
 
 
 class _CopyToTP(torch.autograd.Function):
