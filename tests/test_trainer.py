@@ -90,6 +90,7 @@ def test_parallel_layout_equals_single_process(env, reference, name, procs, over
     ref_losses, ref_weights, _ = reference
     got = losses(run)
     assert len(got) == len(ref_losses) == 4
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # metrics also go to TensorBoard
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) <= 2e-5, (got, ref_losses)
     assert max_diff(final_weights(run / "checkpoints"), ref_weights) <= 1e-4
     assert ref_losses[-1] < ref_losses[0]
