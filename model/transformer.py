@@ -148,8 +148,10 @@ class DeepseekV3(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
             for t in tensors:
-                values = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen) if gen is not None else None
-                t.copy_(values) if values is not None else t.normal_(0.0, std)
+                if gen is None:
+                    t.normal_(0.0, std)
+                else:  # drawn on the CPU in fp32: the same weights on every device and dtype
+                    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
             if isinstance(module, Router) and hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.zero_()
             if isinstance(module, MoE):
