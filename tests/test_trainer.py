@@ -138,7 +138,7 @@ def test_start_from_hf_weights_on_any_layout(env, tmp_path):
     assert first[2] == pytest.approx(first[1], abs=2e-5)
 
 
-NO_MTP = ["model.num_nextn_predict_layers=0"]  # MTP is not combined with pipelining yet
+NO_MTP = ["model.num_nextn_predict_layers=0"]  # MTP is not combined with pipelining or SP yet
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,11 @@ def reference_no_mtp(env):
     ("pp2-vpp2-interleaved", 2, ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=1", "parallel.pp_schedule=interleaved_1f1b"]),
     ("pp2-ep2", 4, ["parallel.pp=2", "parallel.ep=2"]),
     ("pp2-tp2", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.ep=1"]),
+    ("tp2-sp", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
+    ("tp2-sp-etp1", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1", "parallel.etp=1"]),
+    ("dp2-tp2-sp", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
 ])
-def test_pipeline_layouts_equal_single_process(env, reference_no_mtp, name, procs, overrides):
+def test_pipeline_and_sequence_parallel_layouts_equal_single_process(env, reference_no_mtp, name, procs, overrides):
     run, _ = train(env, env[1] / name, procs, *NO_MTP, *overrides)
     ref_losses, ref_weights = reference_no_mtp
     got = losses(run)

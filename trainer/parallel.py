@@ -94,31 +94,68 @@ class TensorParallelExperts:
         return _ReduceFromTP.apply(self.inner(_CopyToTP.apply(x, self.group), counts), self.group)
 
 
-def apply_tensor_parallel(model: nn.Module, meshes: Meshes, etp: int) -> None:
+def apply_sequence_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Sequence parallelism on top of TP: the residual stream is split along the sequence between TP
+    ranks; norms run on the local part (their weights become replicated DTensors, so their gradients
+    are summed over TP), attention, MLP and MoE gather the sequence on entry and scatter it on exit."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput,
+                                                   SequenceParallel, parallelize_module)
+
+    seq, full = Shard(1), Replicate()
+    for block in model.layers.values():
+        plan = {
+            "input_layernorm": SequenceParallel(),
+            "post_attention_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_layouts=(seq, None, None, None), desired_input_layouts=(full, None, None, None),
+                                            use_local_output=True),
+        }
+        if isinstance(block.mlp, MoE):
+            plan["mlp"] = PrepareModuleInputOutput(input_layouts=(seq,), desired_input_layouts=(full,), use_local_input=True,
+                                                   output_layouts=(full,), desired_output_layouts=(seq,), use_local_output=True)
+        else:
+            plan["mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(full,), use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+    parallelize_module(model, tp_mesh, {
+        "embed_tokens": PrepareModuleOutput(output_layouts=full, desired_output_layouts=seq),
+        "norm": SequenceParallel(),
+        "lm_head": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(full,), use_local_output=True),
+    })
+
+
+def apply_tensor_parallel(model: nn.Module, meshes: Meshes, etp: int, sp: bool = False) -> None:
     """Megatron-style TP with DTensor plans: per-head projections of MLA and the MLP inner dimension
     are split over TP (column-parallel in, row-parallel out). The low-rank q/kv down-projections,
     norms, router, embedding and output head stay replicated. With ETP = TP the routed experts are
     split the same way (EP must then be 1)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    from torch.distributed.tensor import Replicate
+
     tp_mesh = meshes.tp
     if tp_mesh.size() == 1:
         return
+    out = Shard(1) if sp else Replicate()  # row-parallel outputs: reduce-scatter over the sequence with SP
     for block in list(model.layers.values()) + list(model.mtp):
         attn = block.self_attn
-        plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
+        plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel(output_layouts=out)}
         plan["q_b_proj" if hasattr(attn, "q_b_proj") else "q_proj"] = ColwiseParallel()
         parallelize_module(attn, tp_mesh, plan)
         attn.shared_key_hook = functools.partial(_CopyToTP.apply, group=tp_mesh.get_group())
-        mlps = [block.mlp] if not isinstance(block.mlp, MoE) else ([block.mlp.shared_experts] if block.mlp.shared_experts is not None else [])
-        for mlp in mlps:
-            parallelize_module(mlp, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()})
+        if not isinstance(block.mlp, MoE):
+            parallelize_module(block.mlp, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
+                                                    "down_proj": RowwiseParallel(output_layouts=out)})
+        elif block.mlp.shared_experts is not None:  # inside the MoE, which gathers the sequence itself
+            parallelize_module(block.mlp.shared_experts, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
+                                                                   "down_proj": RowwiseParallel()})
         if isinstance(block.mlp, MoE) and etp > 1:
             experts = block.mlp.experts
             for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
                 full = getattr(experts, name)
                 setattr(experts, name, nn.Parameter(distribute_tensor(full.data, tp_mesh, [Shard(dim)], src_data_rank=None)))
             block.mlp.expert_runner = TensorParallelExperts(experts, tp_mesh.get_group())
+    if sp:
+        apply_sequence_parallel(model, tp_mesh)
 
 
 def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> None:
@@ -203,15 +240,16 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 def set_parallel(model: nn.Module, device_type: str, layout: dict) -> Meshes:
     """Build meshes from the plan's layout dict and parallelise the (meta-device) model in place."""
-    if layout.get("sp"):
-        raise SystemExit("moe-launch: error: the native trainer does not do sequence parallelism yet; set parallel.sp=false")
+    if layout.get("sp") and model.cfg.num_nextn_predict_layers:
+        raise SystemExit("moe-launch: error: the native trainer does not combine MTP with sequence parallelism yet; "
+                         "set model.num_nextn_predict_layers=0 or parallel.sp=false")
     if layout["etp"] not in (1, layout["tp"]) or (layout["etp"] > 1 and layout["ep"] > 1):
         raise SystemExit(f"moe-launch: error: the native trainer splits experts either by EP or by TP (ETP=TP with EP=1); "
                          f"plan has EP={layout['ep']} ETP={layout['etp']} TP={layout['tp']}")
     meshes = build_meshes(device_type, layout["pp"], layout["dp"], layout["ep"], layout["tp"])
     if layout["etp"] == 1:
         apply_expert_parallel(model, meshes)
-    apply_tensor_parallel(model, meshes, layout["etp"])
+    apply_tensor_parallel(model, meshes, layout["etp"], sp=bool(layout.get("sp")))
     return meshes
 
 
