@@ -34,7 +34,7 @@ from trainer.data import build_train_loader
 from trainer.lora import apply_lora, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
-from trainer.pipeline import PipelineRankModel, build_schedule, build_stages
+from trainer.pipeline import PipelineRankModel, build_schedule, build_stages, shared_embedding_group, sync_shared_embedding
 from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
 from trainer.tokenizer import load_tokenizer
 
@@ -112,9 +112,6 @@ def train(run_dir: Path) -> int:
     meshes = set_parallel(model, device.type, layout)
     pp, pp_rank = layout["pp"], meshes.pp.get_local_rank()
     if pp > 1:
-        if recipe.model.num_nextn_predict_layers and train_cfg.mtp_loss_weight > 0:
-            raise SystemExit("moe-launch: error: the native trainer does not combine MTP with pipeline parallelism yet; "
-                             "set model.num_nextn_predict_layers=0 or train.mtp_loss_weight=0")
         stages = build_stages(model, pp, layout["vpp"], pp_rank)
         model = PipelineRankModel(model, [m for _, m in stages])  # what this rank holds, with the usual names
         parts = [m for _, m in stages]
@@ -132,10 +129,11 @@ def train(run_dir: Path) -> int:
     optimizer = build_optimizer(model, train_cfg)
     has_first = any(m.first for _, m in stages)
     has_last = any(m.last for _, m in stages)
-    norm = {"tokens": 1.0}  # the step's global labelled-token count, read by the pipeline's loss
+    uses_mtp = recipe.model.num_nextn_predict_layers > 0 and train_cfg.mtp_loss_weight > 0
+    embed_group = shared_embedding_group(meshes.world, pp) if pp > 1 and uses_mtp else None  # same on every rank
 
-    def pipeline_loss(logits, labels):
-        return causal_lm_loss(logits, labels, "sum") / norm["tokens"]
+    def pipeline_loss(loss, labels):  # the last stage already returns the normalised loss
+        return loss
 
     dp_rank, dp_size = meshes.dp.get_local_rank(), meshes.dp.size()
     tokenizer = load_tokenizer(data_cfg.tokenizer)
@@ -183,14 +181,14 @@ def train(run_dir: Path) -> int:
         counts = _global_sum(local, meshes.dp_group)
         lm_sum = 0.0
         if schedule is not None:
-            norm["tokens"] = max(counts[0], 1)
+            side = [{k: v.to(device) for k, v in b.items()} for b in batches]
             for _, m in stages:
-                m.begin_step([(b["position_ids"].to(device), b["segment_ids"].to(device)) for b in batches])
-            losses: list[torch.Tensor] = []
-            inputs = (torch.cat([b["input_ids"] for b in batches]).to(device),) if has_first else ()
-            target = torch.cat([b["labels"] for b in batches]).to(device) if has_last else None
-            schedule.step(*inputs, target=target, losses=losses if has_last else None)
-            lm_sum = sum(float(x) for x in losses) * norm["tokens"]
+                m.begin_step(side, counts)
+            inputs = (torch.cat([b["input_ids"] for b in side]),) if has_first else ()
+            target = torch.cat([b["labels"] for b in side]) if has_last else None
+            schedule.step(*inputs, target=target, losses=[] if has_last else None, return_outputs=False)
+            lm_sum = sum(float(x) for _, m in stages for x in m.lm_sums)
+            sync_shared_embedding(model, embed_group)
         for i, b in enumerate(batches if schedule is None else []):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             b = {k: v.to(device) for k, v in b.items()}
@@ -201,7 +199,8 @@ def train(run_dir: Path) -> int:
                 loss = loss + train_cfg.mtp_loss_weight * sum(out.mtp_loss[k] / max(counts[1 + k], 1) for k in range(depth)) / depth
             loss.backward()
             lm_sum += float(out.lm_loss.detach())
-        grad_norm = float(clip_grad_norm(model, train_cfg.grad_clip, meshes.pp_size))
+        grad_norm = float(clip_grad_norm(model, train_cfg.grad_clip, meshes.pp_size,
+                                         skip={model.embed_tokens.weight} if getattr(model, "embedding_copy", False) else ()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         imbalance = update_expert_bias(model, train_cfg.bias_update_rate, reduce)

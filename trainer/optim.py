@@ -32,17 +32,19 @@ def lr_at(step: int, train) -> float:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, pp_size: int = 1) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, pp_size: int = 1, skip=()) -> torch.Tensor:
     """Global gradient norm over all ranks, then scale grads to ``max_norm`` (0 = no clipping).
 
     Sums local squares over the whole world, discounting copies: a gradient on mesh M is held by
     (world / pp) / |M| groups of ranks outside M (e.g. TP ranks for a parameter FSDP shards over DP
-    only) and replicated along M's Replicate dimensions; pipeline stages hold different parameters.
+    only) and replicated along M's Replicate dimensions; pipeline stages hold different parameters,
+    except copies kept in sync across stages, which are passed in ``skip`` on all but one of them.
     """
+    skip_ids = {id(p) for p in skip}
     per_stage = (dist.get_world_size() if dist.is_initialized() else 1) // pp_size
     total = None
     for p in model.parameters():
-        if p.grad is None:
+        if p.grad is None or id(p) in skip_ids:
             continue
         g = p.grad
         local = g.to_local() if isinstance(g, DTensor) else g
