@@ -106,13 +106,15 @@ def test_parallel_layout_equals_single_process(env, reference, name, procs, over
 def test_lora_trains_adapters_only_on_any_layout(env):
     lora = ["peft.method=lora", "peft.targets=[q_a_proj,q_b_proj,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]", "train.lr=1e-2"]
     got = {}
-    for procs, ep in ((1, 1), (2, 2)):
-        run, res = train(env, env[1] / f"lora{procs}", procs, f"parallel.ep={ep}", *lora)
-        got[procs] = losses(run)
+    for name, procs, layout in (("dp1", 1, ["parallel.ep=1"]), ("ep2", 2, ["parallel.ep=2"]),
+                                ("tp2", 2, ["parallel.ep=1", "parallel.tp=2"])):  # adapters split like their base weights
+        run, res = train(env, env[1] / f"lora-{name}", procs, *layout, *lora)
+        got[name] = losses(run)
         weights = final_weights(run / "checkpoints")
         assert any(".lora_A." in k for k in weights)
-    assert got[2] == pytest.approx(got[1], abs=2e-5)
-    assert got[1][-1] < got[1][0]
+    assert got["ep2"] == pytest.approx(got["dp1"], abs=2e-5)
+    assert got["tp2"] == pytest.approx(got["dp1"], abs=2e-5)
+    assert min(got["dp1"]) < got["dp1"][0]
 
 
 def test_start_from_hf_weights_on_any_layout(env, tmp_path):

@@ -106,8 +106,6 @@ def train(run_dir: Path) -> int:
     # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
     model = build_model(recipe.model, device="meta", mtp_loss_weight=train_cfg.mtp_loss_weight)
     if recipe.peft.method == "lora":
-        if layout["tp"] > 1:
-            raise SystemExit("moe-launch: error: the native trainer does not combine LoRA with tensor parallelism yet; use parallel.tp=1")
         apply_lora(model, recipe.peft, seed=train_cfg.seed)  # adapters on meta too; initialised after loading
     meshes = set_parallel(model, device.type, layout)
     pp, pp_rank = layout["pp"], meshes.pp.get_local_rank()

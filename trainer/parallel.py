@@ -94,6 +94,32 @@ class TensorParallelExperts:
         return _ReduceFromTP.apply(self.inner(_CopyToTP.apply(x, self.group), counts), self.group)
 
 
+def _lora_tp_styles():
+    """TP styles for LoRA-wrapped linears: the adapters follow the base weight's split so that
+    B(A(x)) is sharded (column-parallel: B by rows, A whole) or a partial sum (row-parallel: A by columns,
+    B whole) exactly like the base output."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    def shard(name, module, mesh, src, placements: dict):
+        if name:  # distribute_module visits every submodule; the root call places them all
+            return
+        for owner, placement in placements.items():
+            mod = module if owner == "" else getattr(module, owner)
+            mod.register_parameter("weight", nn.Parameter(distribute_tensor(mod.weight, mesh, [placement], src_data_rank=src),
+                                                          requires_grad=mod.weight.requires_grad))
+
+    class LoRAColwise(ColwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            shard(name, module, device_mesh, self.src_data_rank, {"": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)})
+
+    class LoRARowwise(RowwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            shard(name, module, device_mesh, self.src_data_rank, {"": Shard(1), "lora_A": Shard(1), "lora_B": Replicate()})
+
+    return LoRAColwise, LoRARowwise
+
+
 def apply_sequence_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Sequence parallelism on top of TP: the residual stream is split along the sequence between TP
     ranks; norms run on the local part (their weights become replicated DTensors, so their gradients
@@ -136,18 +162,24 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, etp: int, sp: bool =
     if tp_mesh.size() == 1:
         return
     out = Shard(1) if sp else Replicate()  # row-parallel outputs: reduce-scatter over the sequence with SP
+    lora_col, lora_row = _lora_tp_styles()
+
+    def col(parent, name):
+        return lora_col() if hasattr(getattr(parent, name), "lora_A") else ColwiseParallel()
+
+    def row(parent, name, **kw):
+        return lora_row(**kw) if hasattr(getattr(parent, name), "lora_A") else RowwiseParallel(**kw)
+
     for block in list(model.layers.values()) + list(model.mtp):
         attn = block.self_attn
-        plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel(output_layouts=out)}
-        plan["q_b_proj" if hasattr(attn, "q_b_proj") else "q_proj"] = ColwiseParallel()
+        q = "q_b_proj" if hasattr(attn, "q_b_proj") else "q_proj"
+        plan = {"kv_b_proj": col(attn, "kv_b_proj"), "o_proj": row(attn, "o_proj", output_layouts=out), q: col(attn, q)}
         parallelize_module(attn, tp_mesh, plan)
         attn.shared_key_hook = functools.partial(_CopyToTP.apply, group=tp_mesh.get_group())
-        if not isinstance(block.mlp, MoE):
-            parallelize_module(block.mlp, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
-                                                    "down_proj": RowwiseParallel(output_layouts=out)})
-        elif block.mlp.shared_experts is not None:  # inside the MoE, which gathers the sequence itself
-            parallelize_module(block.mlp.shared_experts, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
-                                                                   "down_proj": RowwiseParallel()})
+        mlp = block.mlp if not isinstance(block.mlp, MoE) else block.mlp.shared_experts  # MoE gathers the sequence itself
+        if mlp is not None:
+            parallelize_module(mlp, tp_mesh, {"gate_proj": col(mlp, "gate_proj"), "up_proj": col(mlp, "up_proj"),
+                                              "down_proj": row(mlp, "down_proj", output_layouts=out if mlp is block.mlp else Replicate())})
         if isinstance(block.mlp, MoE) and etp > 1:
             experts = block.mlp.experts
             for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
