@@ -88,6 +88,8 @@ def reference(env):
     ("pp2-mtp", 2, ["parallel.pp=2", "parallel.ep=1"]),
     ("pp2-vpp2-mtp", 2, ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=1", "parallel.pp_schedule=interleaved_1f1b"]),
     ("pp2-ep2-mtp", 4, ["parallel.pp=2", "parallel.ep=2"]),
+    ("tp2-sp-mtp", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
+    ("pp2-tp2-sp-mtp", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
 ])
 def test_parallel_layout_equals_single_process(env, reference, name, procs, overrides):
     run, res = train(env, env[1] / name, procs, *overrides)
@@ -144,7 +146,7 @@ def test_start_from_hf_weights_on_any_layout(env, tmp_path):
     assert first[2] == pytest.approx(first[1], abs=2e-5)
 
 
-NO_MTP = ["model.num_nextn_predict_layers=0"]  # MTP is not combined with SP yet; PP runs below cover both
+NO_MTP = ["model.num_nextn_predict_layers=0"]  # the same layouts without MTP (the last stage then has no embedding copy)
 
 
 @pytest.fixture(scope="module")

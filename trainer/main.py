@@ -141,7 +141,8 @@ def train(run_dir: Path) -> int:
     n_micro = loader.micro_batches_per_step
     schedule = build_schedule(stages, pp * layout["vpp"], n_micro, recipe.parallel.pp_schedule, device, meshes.pp.get_group(),
                               pipeline_loss, train_cfg.micro_batch_size, data_cfg.seq_length,
-                              torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32) if pp > 1 else None
+                              torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32,
+                              data_cfg.seq_length // layout["tp"] if layout["sp"] else None) if pp > 1 else None
     AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
 
     save_dir = Path(recipe.checkpoint.save_dir or run_dir / "checkpoints")

@@ -125,11 +125,11 @@ def apply_sequence_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     ranks; norms run on the local part (their weights become replicated DTensors, so their gradients
     are summed over TP), attention, MLP and MoE gather the sequence on entry and scatter it on exit."""
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                                   PrepareModuleOutput, SequenceParallel, parallelize_module)
 
     seq, full = Shard(1), Replicate()
-    for block in model.layers.values():
+    for block in list(model.layers.values()) + list(model.mtp):
         plan = {
             "input_layernorm": SequenceParallel(),
             "post_attention_layernorm": SequenceParallel(),
@@ -141,6 +141,9 @@ def apply_sequence_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                                                    output_layouts=(full,), desired_output_layouts=(seq,), use_local_output=True)
         else:
             plan["mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(full,), use_local_output=True)
+        if hasattr(block, "eh_proj"):  # an MTP module: its norms and input projection see the sequence split too
+            plan.update({"enorm": SequenceParallel(), "hnorm": SequenceParallel(), "shared_head.norm": SequenceParallel(),
+                         "eh_proj": ColwiseParallel(input_layouts=seq, output_layouts=seq)})
         parallelize_module(block, tp_mesh, plan)
     parallelize_module(model, tp_mesh, {
         "embed_tokens": PrepareModuleOutput(output_layouts=full, desired_output_layouts=seq),
@@ -272,9 +275,6 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 def set_parallel(model: nn.Module, device_type: str, layout: dict) -> Meshes:
     """Build meshes from the plan's layout dict and parallelise the (meta-device) model in place."""
-    if layout.get("sp") and model.cfg.num_nextn_predict_layers:
-        raise SystemExit("moe-launch: error: the native trainer does not combine MTP with sequence parallelism yet; "
-                         "set model.num_nextn_predict_layers=0 or parallel.sp=false")
     if layout["etp"] not in (1, layout["tp"]) or (layout["etp"] > 1 and layout["ep"] > 1):
         raise SystemExit(f"moe-launch: error: the native trainer splits experts either by EP or by TP (ETP=TP with EP=1); "
                          f"plan has EP={layout['ep']} ETP={layout['etp']} TP={layout['tp']}")

@@ -128,7 +128,7 @@ def build_stages(model: DeepseekV3, pp: int, vpp: int, pp_rank: int) -> list[tup
 
 
 def build_schedule(stages, n_stages: int, n_micro: int, kind: str, device, group, loss_fn,
-                   micro_batch: int, seq: int, act_dtype: torch.dtype):
+                   micro_batch: int, seq: int, act_dtype: torch.dtype, hidden_seq: int | None = None):
     """The schedule over this rank's stages. Shapes are given up front (static metadata), so the
     schedule runs no extra inference forward that would consume a micro-batch's side inputs."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -139,7 +139,8 @@ def build_schedule(stages, n_stages: int, n_micro: int, kind: str, device, group
     pipe_stages = []
     for k, m in stages:
         cfg = m.cfg
-        hidden = meta(micro_batch, seq, cfg.hidden_size, dtype=act_dtype).requires_grad_()  # received activations need grads
+        # the hidden state between stages; with sequence parallelism each TP rank sends its part of the sequence
+        hidden = meta(micro_batch, hidden_seq or seq, cfg.hidden_size, dtype=act_dtype).requires_grad_()
         inp = meta(micro_batch, seq, dtype=torch.long) if m.first else hidden
         out = meta(dtype=torch.float32).requires_grad_() if m.last else hidden  # the last stage returns its loss
         pipe_stages.append(PipelineStage(m, k, n_stages, device, input_args=(inp,), output_args=(out,),
