@@ -120,6 +120,8 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         E("train.global_batch_size", f"the interleaved schedule needs the micro-batch count ({train.global_batch_size // (mb * dp)}) divisible by PP {pp}")
     if par.sp and tp > 1 and data.seq_length % tp:
         E("data.seq_length", f"{data.seq_length} must be divisible by TP {tp} with sequence parallel")
+    if cp > 1 and recipe.backend.name == "native":
+        E("parallel.cp", f"CP={cp}: the native trainer does not do context parallelism yet; use parallel.cp=1 or backend.name=nemo")
     if cp > 1 and data.seq_length % (2 * cp):
         E("data.seq_length", f"{data.seq_length} must be divisible by 2*CP = {2 * cp} (load-balanced causal context parallel)")
     if data.seq_length > m.max_position_embeddings:

@@ -68,6 +68,7 @@ def test_min_nodes_for_full_ft():
     (["parallel.vpp=2"], "parallel.vpp", "needs pipeline parallelism"),
     (["parallel.pp_schedule=interleaved_1f1b"], "parallel.vpp", "needs VPP >= 2"),
     (["parallel.cp=2", "data.seq_length=126", "parallel.ep=1"], "data.seq_length", "2*CP"),
+    (["parallel.cp=2", "parallel.ep=1"], "parallel.cp", "does not do context parallelism yet"),
     (["parallel.dp=4"], "parallel.dp", "gives DP=2"),
     (["peft.method=lora", "peft.targets=[q_proj,wq]"], "peft.targets", "valid: kv_a_proj_with_mqa"),
     (["parallel.ep=2", "model=tiny", "model.n_routed_experts=0"], "parallel.ep", "no routed experts"),
