@@ -10,7 +10,7 @@ pytest.importorskip("tokenizers")
 
 from model.transformer import IGNORE_INDEX  # noqa: E402
 from trainer.data import (  # noqa: E402
-    SFTDataset, TokenFileDataset, TrainLoader, build_train_loader, eval_batches, first_fit, load_sft_split,
+    SFTDataset, TokenFileDataset, build_train_loader, eval_batches, first_fit, load_sft_split,
     read_sft_jsonl, render_chat, tokens_in_batch, write_token_file,
 )
 from trainer.smoke_data import ensure_smoke_dataset, write_smoke_dataset  # noqa: E402

@@ -4,7 +4,6 @@ Weights are written by HF's save_pretrained and read through our HF import, so t
 checkpoint mapping as well as the numerics.
 """
 
-import math
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ from launcher import paths
 from launcher.cluster import load_profile
 from launcher.errors import UserError
 from launcher.preflight import run_preflight
-from launcher.recipe_loader import apply_overrides, load_recipe, shipped_names
+from launcher.recipe_loader import load_recipe, shipped_names
 from launcher.render import RenderInput, environment, render
 
 GOLDEN = paths.PACKAGE_DIR.parent / "tests" / "golden"

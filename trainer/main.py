@@ -11,6 +11,7 @@ the job refuses (resume into an incompatible layout, a bad run directory); anyth
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from launcher.cluster import ClusterProfile
 from launcher.recipe import Recipe
 from launcher.render import REQUEUE_EXIT_CODE
 from model.moe import AuxLossGrad, update_expert_bias
-from model.transformer import IGNORE_INDEX, build_model, causal_lm_loss, mtp_targets
+from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
 from trainer.lora import apply_lora, init_lora
@@ -101,6 +102,15 @@ def train(run_dir: Path) -> int:
     if rank == 0:
         (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
     train_cfg, data_cfg = recipe.train, recipe.data
+    save_dir = Path(recipe.checkpoint.save_dir or run_dir / "checkpoints")
+    current = {"fingerprint": checkpoint.fingerprint(recipe), "layout": layout}
+    found = checkpoint.latest(save_dir) if recipe.checkpoint.resume else None
+    if found is not None:  # before building anything: a refused resume costs seconds, not a model load
+        try:
+            checkpoint.check_compatible(json.loads((found / "trainer.json").read_text()), current)
+        except checkpoint.ResumeRefused as exc:
+            print(f"moe-launch: error: cannot resume from {found}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_REFUSED
     torch.manual_seed(train_cfg.seed)
 
     # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
@@ -145,17 +155,10 @@ def train(run_dir: Path) -> int:
                               data_cfg.seq_length // layout["tp"] if layout["sp"] else None) if pp > 1 else None
     AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
 
-    save_dir = Path(recipe.checkpoint.save_dir or run_dir / "checkpoints")
-    current = {"fingerprint": checkpoint.fingerprint(recipe), "layout": layout}
     start = 0
-    found = checkpoint.latest(save_dir) if recipe.checkpoint.resume else None
     log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0)
     if found is not None:
-        try:
-            saved = checkpoint.load(found, model, optimizer, current)
-        except checkpoint.ResumeRefused as exc:
-            log.info(f"moe-launch: error: cannot resume from {found}: {exc}")
-            return EXIT_REFUSED
+        saved = checkpoint.load(found, model, optimizer, current)
         start = saved["step"]
         loader.load_state_dict(saved["data"])
         log.info(f"moe-launch: resumed from {found} at step {start}" + ("" if saved["layout"] == layout else f" (layout was {saved['layout']})"))
