@@ -3,6 +3,10 @@
   launch RECIPE --cluster NAME [key=value ...] [--dry-run] [--runs-dir DIR] [--ignore-memory]
   launch clusters        list cluster profiles on the search path
   launch recipes         list shipped recipes
+  launch status [RUN]    job state (squeue/scontrol, then sacct, then sacct -c)
+  launch logs [RUN] [-f] the job's output (-f: until the job has ended)
+  launch cancel [RUN]    scancel the run's job
+  launch list            recent runs as a table
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch",
         description="Check a recipe against a cluster, render its job and submit it.",
-        epilog="Other commands: `launch clusters`, `launch recipes`. Overrides use OmegaConf dotlist form, "
+        epilog="Other commands: `launch clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
                "e.g. train.max_steps=100 parallel.tp=4 model=deepseek-v2-lite.",
     )
     p.add_argument("recipe", help="recipe file (recipes/full_ft.py, file.py:function) or shipped recipe name")
@@ -120,6 +124,73 @@ def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
     return local_exec.run(run_dir / script_name)
 
 
+def _follow_parser(name: str, help_run: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"launch {name}")
+    p.add_argument("run", nargs="?", help=help_run)
+    p.add_argument("--runs-dir", help="where run directories are (default: $MOE_LAUNCH_RUNS, then ./runs)")
+    if name == "logs":
+        p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job has ended")
+    return p
+
+
+def cmd_follow(name: str, argv: list[str]) -> int:
+    """``launch status|logs|cancel|list``: follow jobs through their run directories."""
+    from launcher import jobs
+
+    args = _follow_parser(name, "run directory, run name or Slurm job id (default: the newest run)").parse_args(argv)
+    root = rundir.runs_root(args.runs_dir, None)
+    if name == "list":
+        from launcher.plan import format_table
+
+        rows = [jobs.summary_row(run) for run in jobs.runs_in(root)[:20]]
+        if not rows:
+            print(f"no runs under {root}")
+            return 0
+        for line in format_table([["run", "cluster", "job", "state", "dp"], *rows]):
+            print(line)
+        return 0
+    run = jobs.find_run(args.run, root)
+    job = jobs.job_id_of(run)
+    if name == "status":
+        st = jobs.status(job) if job else None
+        print(f"run {run}")
+        print(st.line() if st else (f"job {job}: unknown to Slurm (too old?)" if job else jobs.local_state(run)))
+        return 0
+    if name == "cancel":
+        if not job:
+            raise UserError(f"{run.name} was not submitted to Slurm (nothing to cancel)", "RUN")
+        jobs.cancel(job)
+        print(f"cancelled job {job} ({run.name})")
+        return 0
+    return _print_log(jobs, run, job, args.follow)
+
+
+def _print_log(jobs, run: Path, job: str | None, follow: bool) -> int:
+    import time
+
+    path = jobs.log_file(run)
+    pos = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if not follow:
+            return 0 if path.exists() else _no_log(path)
+        st = jobs.status(job) if job else None
+        if job and (st is None or st.state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")):
+            return 0
+        time.sleep(1)
+
+
+def _no_log(path: Path) -> int:
+    print(f"launch: no log yet at {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_clusters() -> int:
     for name in cluster.available():
         try:
@@ -147,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_clusters()
         if argv[:1] == ["recipes"]:
             return cmd_recipes()
+        if argv[:1] and argv[0] in ("status", "logs", "cancel", "list"):
+            return cmd_follow(argv[0], argv[1:])
         args = _parser().parse_intermixed_args(argv)
         return cmd_launch(args, argv)
     except UserError as exc:

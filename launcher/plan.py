@@ -40,7 +40,7 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
     }
 
 
-def _table(rows: list[list[str]]) -> list[str]:
+def format_table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
 
@@ -57,7 +57,7 @@ def summary(recipe: Recipe, recipe_file: str, profile: ClusterProfile, pre: Pref
     dims = ["TP", "PP", "VPP", "EP", "ETP", "CP", "DP", "EDP", "SP"]
     vals = [str(lay.tp), str(lay.pp), str(lay.vpp), str(lay.ep), str(lay.etp), str(lay.cp), str(lay.dp), str(lay.edp), "yes" if lay.sp else "no"]
     marks = ["*" if d.lower() in lay.derived else "" for d in dims]
-    table = _table([dims, [v + mk for v, mk in zip(vals, marks)]])
+    table = format_table([dims, [v + mk for v, mk in zip(vals, marks)]])
     c = plan["compute"]
     lines = [
         f"recipe   {recipe.name} ({recipe_file}): {m.name}, {_si(m.num_params())} params, {_si(m.num_active_params())} active, "

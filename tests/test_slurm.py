@@ -42,3 +42,41 @@ def test_smoke_recipe_trains_on_real_slurm(tmp_path):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0] - 1.0
     assert (run / "checkpoints" / "step-00000008" / "trainer.json").exists()
+
+
+def launch(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_state(runs: Path, states: tuple[str, ...], timeout: float = 60) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = launch("status", "--runs-dir", str(runs)).stdout
+        if any(f" {s}" in out for s in states):
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"never reached {states}: {out}")
+
+
+def test_status_logs_list_cancel_on_running_and_failed_jobs(tmp_path):
+    runs = tmp_path / "runs"
+    assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), "train.max_steps=500").returncode == 0
+    out = wait_state(runs, ("RUNNING",))
+    job = out.split("job ")[1].split()[0]
+    listing = launch("list", "--runs-dir", str(runs)).stdout
+    assert "smoke-local-slurm" in listing and "RUNNING" in listing and job in listing
+    deadline = time.time() + 60
+    while "step " not in launch("logs", "--runs-dir", str(runs)).stdout:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    res = launch("cancel", job, "--runs-dir", str(runs))  # by job id
+    assert res.returncode == 0 and f"cancelled job {job}" in res.stdout
+    assert "CANCELLED" in wait_state(runs, ("CANCELLED",))
+
+    # a job that fails for a deterministic reason exits with it and is not requeued
+    failed = tmp_path / "failed"
+    assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(failed), "model.vocab_size=100").returncode == 0
+    out = wait_state(failed, ("FAILED",), timeout=90)
+    assert "exit 2:0" in out and "restarts 0" in out
+    log = launch("logs", "--runs-dir", str(failed)).stdout
+    assert "tokenizer has 261 tokens, model.vocab_size is 100" in log and "requeueing" not in log
