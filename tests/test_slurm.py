@@ -80,3 +80,35 @@ def test_status_logs_list_cancel_on_running_and_failed_jobs(tmp_path):
     assert "exit 2:0" in out and "restarts 0" in out
     log = launch("logs", "--runs-dir", str(failed)).stdout
     assert "tokenizer has 261 tokens, model.vocab_size is 100" in log and "requeueing" not in log
+
+
+def test_signal_before_time_limit_checkpoints_requeues_once_and_resumes_exactly(tmp_path):
+    """Slurm's pre-timeout signal (B:USR2) -> ranks checkpoint, exit 75 -> requeue -> resume -> same weights."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    args = ["smoke", "--cluster", "local-slurm", "train.max_steps=16", "train.log_interval=1", "checkpoint.interval=1000"]
+    weights = {}
+    for name in ("straight", "signalled"):
+        runs = tmp_path / name
+        assert launch(*args, "--runs-dir", str(runs)).returncode == 0
+        (run,) = list(runs.iterdir())
+        job = yaml.safe_load((run / "submission.yaml").read_text())["job_id"]
+        if name == "signalled":
+            deadline = time.time() + 60
+            while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+                assert time.time() < deadline
+                time.sleep(0.2)
+            subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)  # what --signal=B:USR2@T sends
+        wait_gone(job, timeout=240)
+        st = launch("status", str(run)).stdout
+        assert "COMPLETED" in st, st
+        log = (run / "logs" / f"slurm-{job}.out").read_text()
+        if name == "signalled":
+            assert "restarts 1" in st and "requeueing (restart 1 of 1)" in log and "resumed from" in log
+            assert len((run / "metrics.jsonl").read_text().splitlines()) == 16  # steps before + after, none twice
+        out = tmp_path / f"{name}.pt"
+        dcp_to_torch_save(run / "checkpoints" / "step-00000016", out)
+        weights[name] = torch.load(out, weights_only=False)["model"]
+    a, b = weights["straight"], weights["signalled"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
