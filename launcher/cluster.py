@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from launcher import config_io, paths
-from launcher.errors import UserError
+from launcher.errors import ENV_NAME, UserError
 
 
 @dataclass
@@ -145,7 +145,7 @@ def load_profile(name: str) -> tuple[ClusterProfile, Path]:
         if getattr(profile, key) not in allowed:
             raise UserError(f"{getattr(profile, key)!r} is not valid; choose one of {', '.join(allowed)}", f"{path}: {key}")
     for key in profile.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        if not ENV_NAME.match(key):
             raise UserError("not a valid environment variable name (letters, digits, '_', not starting with a digit)", f"{path}: env.{key}")
     for key in ("nodes", "gpus_per_node"):
         if getattr(profile, key) < 1:

@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 
 # Characters that never belong in a config string: newlines and other control characters break the
 # one-line-per-value formats (YAML scalars, #SBATCH lines, environment variables) that values end up in.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a valid environment variable name
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 

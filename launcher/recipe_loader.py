@@ -15,11 +15,10 @@ import traceback
 from pathlib import Path
 
 from launcher import config_io, paths
-from launcher.errors import Problem, UserError, check_no_control_chars
+from launcher.errors import ENV_NAME, Problem, UserError, check_no_control_chars
 from launcher.recipe import CHOICES, Recipe
 from model.presets import PRESETS
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def find_recipe(spec: str) -> tuple[Path, str]:
@@ -113,7 +112,7 @@ def validate_fields(recipe: Recipe) -> list[Problem]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", recipe.name):
         add("name", f"{recipe.name!r} is not valid; use letters, digits, '.', '_' or '-' (it names the job and run directory)")
     for k in recipe.env:
-        if not _ENV_NAME.match(k):
+        if not ENV_NAME.match(k):
             add(f"env.{k}", "not a valid environment variable name (letters, digits, '_', not starting with a digit)")
     m = recipe.model
     if m.n_routed_experts and not 1 <= m.num_experts_per_tok <= m.n_routed_experts:

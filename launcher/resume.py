@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+STEP_DIR = re.compile(r"^step-(\d{8})$")  # a complete checkpoint (writers use step-N.partial)
 RESUMABLE_CHANGES = ("dp", "ep", "edp")  # DCP reshards these; the rest must match
 
 
@@ -20,7 +20,7 @@ def latest(save_dir: Path) -> Path | None:
     """The newest complete checkpoint (``step-XXXXXXXX`` with its trainer.json), if any."""
     if not save_dir.is_dir():
         return None
-    steps = sorted(p for p in save_dir.iterdir() if _STEP_DIR.match(p.name) and (p / "trainer.json").exists())
+    steps = sorted(p for p in save_dir.iterdir() if STEP_DIR.match(p.name) and (p / "trainer.json").exists())
     return steps[-1] if steps else None
 
 

@@ -9,7 +9,6 @@ rank 0 renames it, so a directory without ``.partial`` is always complete. The n
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from launcher.recipe import fingerprint  # noqa: F401  (re-exported for the trainer)
-from launcher.resume import RESUMABLE_CHANGES, ResumeRefused, check_compatible, latest  # noqa: F401
+from launcher.resume import STEP_DIR, RESUMABLE_CHANGES, ResumeRefused, check_compatible, latest  # noqa: F401
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")  # complete checkpoints (see launcher.resume)
 
 
 def save(save_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
@@ -42,7 +40,7 @@ def save(save_dir: Path, step: int, model, optimizer, trainer_state: dict, keep:
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
-        old = sorted(p for p in save_dir.glob("step-*") if _STEP_DIR.match(p.name))
+        old = sorted(p for p in save_dir.glob("step-*") if STEP_DIR.match(p.name))
         for p in old[:-keep] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()

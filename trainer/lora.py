@@ -20,7 +20,6 @@ the order of modules and of the parallel layout. On a meta-device model the orde
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.hf_io import local_region
+from trainer.parallel import seeded_generator
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
 
@@ -90,8 +90,7 @@ def _is_adapter_key(name: str) -> bool:
 def _generator(seed: int, name: str) -> torch.Generator:
     # Strip wrapper segments (activation checkpointing, torch.compile) so names match before/after wrapping.
     name = ".".join(p for p in name.split(".") if p not in ("_checkpoint_wrapped_module", "_orig_mod"))
-    digest = hashlib.sha256(repr((seed, "lora", name)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return seeded_generator(seed, "lora", name)
 
 
 def apply_lora(model: nn.Module, peft_cfg, seed: int = 0) -> list[str]:

@@ -239,7 +239,8 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: torch.dtype | None
         m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
 
 
-def _generator(seed: int, *key) -> torch.Generator:
+def seeded_generator(seed: int, *key) -> torch.Generator:
+    """A CPU generator seeded by (seed, key...): the same stream whatever the layout or order."""
     digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
@@ -261,10 +262,10 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
             local.fill_(1.0)
         elif id(p) in expert_params:
             for i, e in enumerate(range(region[0].start, region[0].stop)):
-                full = torch.empty(p.shape[1:]).normal_(0.0, std, generator=_generator(seed, name, e))
+                full = torch.empty(p.shape[1:]).normal_(0.0, std, generator=seeded_generator(seed, name, e))
                 local[i].copy_(full[region[1:]])
         else:
-            full = torch.empty(p.shape).normal_(0.0, std, generator=_generator(seed, name))
+            full = torch.empty(p.shape).normal_(0.0, std, generator=seeded_generator(seed, name))
             local.copy_(full[region])
     for m in model.modules():
         if isinstance(m, Router) and hasattr(m, "e_score_correction_bias"):
