@@ -125,9 +125,10 @@ def train(run_dir: Path) -> int:
         parts = [m for _, m in stages]
     else:
         stages, parts = [], [model]
+    bf16 = train_cfg.precision == "bf16"
     for part in parts:
         apply_activation_checkpointing(part, recipe.parallel.recompute)
-        apply_fsdp(part, meshes, torch.bfloat16 if train_cfg.precision == "bf16" else None)
+        apply_fsdp(part, meshes, torch.bfloat16 if bf16 else None)
         materialize(part, device, train_cfg.seed)
     if recipe.checkpoint.load:
         load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format, partial=pp > 1)
@@ -151,7 +152,7 @@ def train(run_dir: Path) -> int:
     n_micro = loader.micro_batches_per_step
     schedule = build_schedule(stages, pp * layout["vpp"], n_micro, recipe.parallel.pp_schedule, device, meshes.pp.get_group(),
                               pipeline_loss, train_cfg.micro_batch_size, data_cfg.seq_length,
-                              torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32,
+                              torch.bfloat16 if bf16 else torch.float32,
                               data_cfg.seq_length // layout["tp"] if layout["sp"] else None) if pp > 1 else None
     AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
 
