@@ -1,6 +1,7 @@
 """The ``launch`` command.
 
-  launch RECIPE --cluster NAME [key=value ...] [--dry-run] [--runs-dir DIR] [--ignore-memory]
+  launch RECIPE --cluster NAME [key=value ...] [--dry-run] [--runs-dir DIR] [--ignore-memory] [--sweep key=v1,v2]
+  launch PIPELINE --cluster NAME [key=value ...]   stages as dependent jobs (a file defining pipeline())
   launch clusters        list cluster profiles on the search path
   launch recipes         list shipped recipes
   launch status [RUN]    job state (squeue/scontrol, then sacct, then sacct -c)
@@ -15,11 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher import cluster, config_io, provenance, recipe_loader, rundir
+from launcher import cluster, recipe_loader, rundir
 from launcher.errors import EXIT_USAGE, UserError
-from launcher.plan import plan_dict, summary
-from launcher.preflight import run_preflight
-from launcher.render import RenderInput, render
+from launcher.recipe import Recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,38 +28,41 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Other commands: `launch clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
                "e.g. train.max_steps=100 parallel.tp=4 model=deepseek-v2-lite.",
     )
-    p.add_argument("recipe", help="recipe file (recipes/full_ft.py, file.py:function) or shipped recipe name")
+    p.add_argument("recipe", help="recipe or pipeline file (recipes/full_ft.py, file.py:function) or shipped name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.add_argument("--cluster", "-c", required=True, help="cluster profile name or path to a .yaml profile")
     p.add_argument("--dry-run", action="store_true", help="check, render and write the run directory; print the script; submit nothing")
     p.add_argument("--runs-dir", help="where run directories go (default: $MOE_LAUNCH_RUNS, the profile's runs_dir, ./runs)")
     p.add_argument("--ignore-memory", action="store_true", help="launch even when the memory estimate says it won't fit")
+    p.add_argument("--sweep", action="append", default=[], metavar="key=v1,v2,...",
+                   help="one run per value (repeat for a grid), each with its own run directory and job")
     return p
 
 
-def _report_failure(recipe, recipe_path: Path, profile, pre) -> None:
+def _report_failure(recipe, recipe_path: Path, profile, pre, which: str | None = None) -> None:
+    """Every problem of one run; then what would fit (for a single run: sweeps and pipelines say it per run)."""
     from launcher.suggest import suggestions  # only on failure: re-checks variants
 
     err = sys.stderr
-    print(f"launch: error: recipe {recipe.name} ({recipe_path}) cannot run on {profile.describe()}:", file=err)
+    print(f"launch: error: recipe {recipe.name} ({recipe_path}){f', {which},' if which else ''} cannot run on {profile.describe()}:", file=err)
     for p in pre.errors:
         print(f"  {p}", file=err)
     for p in pre.warnings:
         print(f"  warning: {p}", file=err)
-    hints = suggestions(recipe, recipe_path, profile)
+    hints = suggestions(recipe, recipe_path, profile) if which is None else []
     if hints:
         print("what would fit:", file=err)
         for h in hints:
             print(f"  {h}", file=err)
 
 
-def _check_can_run(profile) -> None:
+def _check_can_run(profile, trains: bool = True) -> None:
     """Before anything is written: is there a way to run this job from here?"""
     if profile.executor == "slurm":
         from launcher import slurm
 
         slurm.require("sbatch")
-    else:
+    elif trains:
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
@@ -70,58 +72,57 @@ def _check_can_run(profile) -> None:
 
 
 def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
-    profile, _ = cluster.load_profile(args.cluster)
-    recipe, recipe_path = recipe_loader.load_recipe(args.recipe)
-    recipe = recipe_loader.apply_overrides(recipe, args.overrides)
-    pre = run_preflight(recipe, profile, memory_check=not args.ignore_memory)
-    if not pre.ok:
-        _report_failure(recipe, recipe_path, profile, pre)
-        return EXIT_USAGE
-    if not args.dry_run:
-        _check_can_run(profile)
+    from launcher import submission
+    from launcher.pipeline import Pipeline
 
-    plan = plan_dict(recipe, profile, pre)
-    meta = provenance.metadata(argv, recipe_path, args.dry_run)
+    profile, _ = cluster.load_profile(args.cluster)
+    target, target_path = recipe_loader.load_target(args.recipe)
+    is_pipeline = isinstance(target, Pipeline)
+    if is_pipeline and args.sweep:
+        raise UserError("--sweep applies to a recipe, not to a pipeline", "--sweep")
     root = rundir.runs_root(args.runs_dir, profile.runs_dir)
-    script_name = "job.sbatch" if profile.executor == "slurm" else "job.sh"
+    python = profile.python or ("python" if profile.container.image else sys.executable)
     for _ in range(100):
-        run_dir = rundir.reserve_name(root, recipe.name, profile.name)
-        script = render(RenderInput(recipe, profile, pre.layout, str(run_dir)))
-        files = {script_name: script, "recipe.yaml": config_io.to_yaml(recipe), "cluster.yaml": config_io.to_yaml(profile),
-                 "plan.yaml": rundir.dump(plan), "meta.yaml": rundir.dump(meta)}
+        runs = (submission.runs_for_pipeline(target, target_path, args.overrides) if is_pipeline
+                else submission.runs_for_recipe(args.recipe, args.overrides, args.sweep))
+        failed = submission.plan_runs(runs, profile, root, not args.ignore_memory, python)
+        if failed:
+            for run in failed:
+                which = (None if len(runs) == 1 else f"stage {run.stage.name}" if run.stage
+                         else "sweep point " + " ".join(run.overrides[-len(args.sweep):]))
+                _report_failure(run.recipe, run.recipe_path, profile, run.pre, which)
+            return EXIT_USAGE
+        if not args.dry_run:
+            _check_can_run(profile, any(r.recipe is not None for r in runs))
+        submission.render_runs(runs, profile, argv, args.dry_run, python)
         try:
-            rundir.create(run_dir, files)
+            submission.write_runs(runs)
             break
         except FileExistsError:
             continue
     else:
-        raise UserError(f"could not pick a free run directory name under {root}", "runs dir")
+        raise UserError(f"could not pick free run directory names under {root}", "runs dir")
 
     out = sys.stderr if args.dry_run else sys.stdout
-    rel = recipe_path if not recipe_path.is_absolute() else Path(args.recipe.partition(":")[0])
-    for line in summary(recipe, str(rel), profile, pre, plan):
-        print(line, file=out)
-    print(f"run dir  {run_dir}", file=out)
+    for i, run in enumerate(runs, 1):
+        if len(runs) > 1:
+            what = f"stage {i}/{len(runs)}: {run.stage.name}" if run.stage else f"run {i}/{len(runs)}: {' '.join(run.overrides[-len(args.sweep):])}"
+            print(f"--- {what}", file=out)
+        for line in run.lines:
+            print(line, file=out)
+        print(f"run dir  {run.run_dir}", file=out)
     if args.dry_run:
-        print(f"dry run: nothing submitted; the script is {run_dir / script_name}", file=out)
-        sys.stdout.write(script)
+        scripts = [str(r.run_dir / r.script_name) for r in runs]
+        print(f"dry run: nothing submitted; the script{'s are' if len(runs) > 1 else ' is'} {' '.join(scripts)}", file=out)
+        for run in runs:
+            if len(runs) > 1:
+                sys.stdout.write(f"# ==== {run.run_dir / run.script_name}\n")
+            sys.stdout.write(run.files[run.script_name])
         return 0
     if profile.executor == "slurm":
-        from launcher import slurm
-
-        try:
-            job_id = slurm.submit(run_dir / script_name)
-        except UserError:
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)  # ours, just made: nothing half-submitted stays behind
-            raise
-        (run_dir / "submission.yaml").write_text(rundir.dump({"job_id": job_id}))
-        print(f"submitted job {job_id}", file=out)
+        submission.submit_runs(runs, out)
         return 0
-    from launcher import local_exec
-
-    return local_exec.run(run_dir / script_name)
+    return submission.run_locally(runs, is_pipeline)
 
 
 def _follow_parser(name: str, help_run: str) -> argparse.ArgumentParser:
@@ -204,8 +205,11 @@ def cmd_clusters() -> int:
 def cmd_recipes() -> int:
     for name in recipe_loader.shipped_names():
         try:
-            r, path = recipe_loader.load_recipe(name)
-            print(f"{name:14s} {r.model.name:18s} {r.peft.method:5s} {path}")
+            r, path = recipe_loader.load_target(name)
+            if isinstance(r, Recipe):
+                print(f"{name:14s} {r.model.name:18s} {r.peft.method:5s} {path}")
+            else:
+                print(f"{name:14s} {'pipeline':18s} {'':5s} {path}  ({' -> '.join(s.name for s in r.stages)})")
         except UserError as exc:
             print(f"{name:14s} (invalid: {exc})")
     return 0

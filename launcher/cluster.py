@@ -38,9 +38,10 @@ class Slurm:
     mem: Optional[str] = None  # e.g. "0" (all of the node's memory) or "200G"
     constraint: Optional[str] = None
     extra_flags: List[str] = field(default_factory=list)  # more #SBATCH flags, e.g. "--reservation=r1"
-    signal_seconds: int = 300  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    signal_seconds: int = 300  # SIGUSR2 this long before the time limit: checkpoint and requeue (0: no signal)
     max_requeues: int = 3  # retry budget for preemption / time limit / node failure
     rdzv_timeout: int = 300  # seconds torchrun waits for all nodes to join
+    rdzv_host: Optional[str] = None  # rendezvous address; default: the head node's NodeAddr from scontrol
 
 
 @dataclass
@@ -150,5 +151,8 @@ def load_profile(name: str) -> tuple[ClusterProfile, Path]:
     for key in ("nodes", "gpus_per_node"):
         if getattr(profile, key) < 1:
             raise UserError(f"must be >= 1, got {getattr(profile, key)}", f"{path}: {key}")
+    for key, low in (("signal_seconds", 0), ("max_requeues", 0), ("rdzv_timeout", 1)):
+        if getattr(profile.slurm, key) < low:
+            raise UserError(f"must be >= {low}, got {getattr(profile.slurm, key)}", f"{path}: slurm.{key}")
     check_slurm_fields(profile, f"{path}: ")
     return profile, path

@@ -7,7 +7,6 @@ when accounting storage is disabled).
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +70,9 @@ def runs_in(root: Path) -> list[Path]:
     """Run directories under ``root``, newest first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and (p / "meta.yaml").exists()), key=lambda p: p.name, reverse=True)
+    runs = [p for p in root.iterdir() if p.is_dir() and (p / "meta.yaml").exists()]
+    # by time stamp, then by creation (the runs of one launch share a stamp: sweep points, pipeline stages)
+    return sorted(runs, key=lambda p: (p.name[:15], (p / "meta.yaml").stat().st_mtime_ns, p.name), reverse=True)
 
 
 def find_run(spec: str | None, root: Path) -> Path:
@@ -115,4 +116,5 @@ def summary_row(run: Path) -> list[str]:
     else:
         state = local_state(run)
     plan = yaml.safe_load((run / "plan.yaml").read_text()) if (run / "plan.yaml").exists() else {}
-    return [run.name, plan.get("cluster", "?"), job or "-", state, json.dumps(plan.get("layout", {}).get("dp", "?"))]
+    dp = plan.get("layout", {}).get("dp")
+    return [run.name, plan.get("cluster", "?"), job or "-", state, str(dp) if dp is not None else "-"]

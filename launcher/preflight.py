@@ -142,7 +142,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
     return pre
 
 
-def _recipe_problems(recipe: Recipe, profile: ClusterProfile) -> list[Problem]:
+def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[str, ...] = ()) -> list[Problem]:
     """Checks that do not depend on the layout."""
     out = validate_fields(recipe)
     if recipe.peft.method == "lora":
@@ -155,16 +155,19 @@ def _recipe_problems(recipe: Recipe, profile: ClusterProfile) -> list[Problem]:
             out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster"))
         elif not (recipe.backend.container_image or profile.container.image):
             out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09"))
-    out += _path_problems(recipe, profile)
+    out += _path_problems(recipe, profile, produced)
     return out
 
 
-def _path_problems(recipe: Recipe, profile: ClusterProfile) -> list[Problem]:
-    """Input paths that do not exist here: an error for a local run, a warning for Slurm (compute nodes may see more)."""
+def _path_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[str, ...] = ()) -> list[Problem]:
+    """Input paths that do not exist here: an error for a local run, a warning for Slurm (compute nodes may
+    see more). Paths under ``produced`` (directories an earlier pipeline stage writes) are expected to be missing."""
     out = []
     paths = {"data.path": recipe.data.path, "checkpoint.load": recipe.checkpoint.load,
              "data.tokenizer": None if recipe.data.tokenizer == "byte" else recipe.data.tokenizer}
     for key, value in paths.items():
+        if value and any(os.path.join(value, "").startswith(os.path.join(d, "")) for d in produced):
+            continue
         if value and not os.path.exists(os.path.expanduser(value)):
             if profile.executor == "local":
                 out.append(Problem("error", key, f"{value} does not exist"))
@@ -195,9 +198,10 @@ def _preference(pre: Preflight, gpn: int) -> tuple:
     return (fit, lay.tp * lay.pp * lay.cp, lay.pp, lay.ep * lay.etp > gpn, -lay.ep, lay.tp)
 
 
-def run_preflight(recipe: Recipe, profile: ClusterProfile, memory_check: bool = True) -> Preflight:
-    """Check ``recipe`` against ``profile``, deriving unset layout dimensions."""
-    base = _recipe_problems(recipe, profile)
+def run_preflight(recipe: Recipe, profile: ClusterProfile, memory_check: bool = True, produced: tuple[str, ...] = ()) -> Preflight:
+    """Check ``recipe`` against ``profile``, deriving unset layout dimensions. ``produced``: directories
+    earlier pipeline stages will have written by the time this job starts."""
+    base = _recipe_problems(recipe, profile, produced)
     par = recipe.parallel
     unset = tuple(k for k in ("tp", "pp", "ep") if getattr(par, k) is None)
     tried = [check_layout(recipe, profile, *c, memory_check=memory_check) for c in _candidates(recipe, profile)]

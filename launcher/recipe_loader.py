@@ -39,17 +39,32 @@ def shipped_names() -> list[str]:
 
 
 def load_recipe(spec: str) -> tuple[Recipe, Path]:
-    """Import the recipe file and call its function. Errors in the file point at its line."""
+    """Import the recipe file and call its ``recipe()`` (or the named function)."""
+    target, path = load_target(spec)
+    if not isinstance(target, Recipe):
+        raise UserError(f"defines a pipeline, not a recipe; a recipe file defines recipe() returning a Recipe", str(path))
+    return target, path
+
+
+def load_target(spec: str):
+    """A Recipe, or a Pipeline from a file defining ``pipeline()`` and no ``recipe()``; and the file.
+    Errors in the file point at its line."""
+    from launcher.pipeline import Pipeline, check
+
     path, func = find_recipe(spec)
+    explicit = ":" in spec
     module_name = f"_moe_recipe_{path.stem}_{abs(hash(str(path.resolve())))}"
     try:
         mod_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[module_name] = module
         mod_spec.loader.exec_module(module)
+        if not explicit and not callable(getattr(module, func, None)) and callable(getattr(module, "pipeline", None)):
+            func = "pipeline"
         fn = getattr(module, func, None)
         if not callable(fn):
-            raise UserError(f"defines no function {func}(); a recipe file defines recipe() returning a Recipe", str(path))
+            raise UserError(f"defines no function {func}(); a recipe file defines recipe() returning a Recipe "
+                            "(or pipeline() returning a Pipeline)", str(path))
         recipe = fn()
     except UserError:
         raise
@@ -57,8 +72,12 @@ def load_recipe(spec: str) -> tuple[Recipe, Path]:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
         line = f" line {frames[-1].lineno}" if frames else (f" line {exc.lineno}" if isinstance(exc, SyntaxError) else "")
         raise UserError(f"{type(exc).__name__}{line}: {exc}", str(path)) from None
+    if isinstance(recipe, Pipeline):
+        check(recipe, str(path))
+        return recipe, path
     if not isinstance(recipe, Recipe):
-        raise UserError(f"{func}() returned {type(recipe).__name__}, expected launcher.recipe.Recipe", str(path))
+        raise UserError(f"{func}() returned {type(recipe).__name__}, expected launcher.recipe.Recipe "
+                        "(or launcher.pipeline.Pipeline)", str(path))
     return config_io.typed(recipe, f"{path}: "), path
 
 

@@ -17,9 +17,14 @@ def require(tool: str = "sbatch") -> str:
     return path
 
 
-def submit(script: Path) -> str:
-    """``sbatch --parsable``; returns the job id. sbatch's own error message is passed on."""
-    out = subprocess.run([require("sbatch"), "--parsable", str(script)], capture_output=True, text=True, cwd=script.parent)
+def submit(script: Path, after_ok: str | None = None) -> str:
+    """``sbatch --parsable``; returns the job id. sbatch's own error message is passed on.
+
+    ``after_ok``: start only after that job completed successfully; if it fails, Slurm cancels this
+    one (``--kill-on-invalid-dep=yes``) instead of leaving it pending forever (DependencyNeverSatisfied).
+    """
+    dep = [f"--dependency=afterok:{after_ok}", "--kill-on-invalid-dep=yes"] if after_ok else []
+    out = subprocess.run([require("sbatch"), "--parsable", *dep, str(script)], capture_output=True, text=True, cwd=script.parent)
     if out.returncode != 0:
         msg = " ".join(out.stderr.split()) or f"exit code {out.returncode}"
         raise UserError(f"sbatch refused the job: {msg}", "slurm")

@@ -25,7 +25,7 @@ if alive "$BASE/run/slurmctld.pid" slurmctld && [ -n "$(squeue -h -o %i 2>/dev/n
   log "cancelling jobs"; scancel --full $(squeue -h -o %i) 2>/dev/null || true
   for _ in $(seq 60); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
 fi
-stop "$BASE/run/slurmd.pid"    slurmd
+for f in "$BASE"/run/slurmd*.pid; do [ -e "$f" ] && stop "$f" slurmd; done
 stop "$BASE/run/slurmctld.pid" slurmctld   # its child slurmscriptd exits with it
 stop "$BASE/run/slurmdbd.pid"  slurmdbd
 stop "$BASE/run/mariadbd.pid"  mariadbd

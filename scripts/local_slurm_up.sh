@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# moe-launch: bring up a real one-node Slurm cluster (munged + slurmctld + slurmd) on this
-# host, idempotently, from a fresh Debian 12 machine.  Everything but the apt
+# moe-launch: bring up a real Slurm cluster (munged + slurmctld + slurmd) on this host,
+# idempotently, from a fresh Debian 12 machine: one node, or N emulated nodes (one slurmd
+# each, `slurmd -N nI`, all at 127.0.0.1 on distinct ports).  Everything but the apt
 # packages lives under $SLURM_LOCAL_BASE.  Daemons run as root.
 #
 #   SLURM_LOCAL_BASE   state/config/log dir     (default ${TMPDIR:-/tmp}/local-slurm)
+#   SLURM_LOCAL_NODES  1 (default): one node named after this host;
+#                      N > 1: emulated nodes n1..nN, each with all host CPUs and 1/N of its memory.
+#                      Their names do not resolve: jobs must use NodeAddr (the job template does).
+#                      Re-running with another N restarts the daemons with the new node set.
 #   SLURM_LOCAL_CLEAN  1 = wipe job/node state before starting (fresh job ids)
 #   SLURMCTLD_PORT / SLURMD_PORT                 (default 6817 / 6818)
 #   SLURM_LOCAL_TIMEOUT seconds to wait for the node to be idle (default 60)
@@ -23,12 +28,14 @@ BASE=${SLURM_LOCAL_BASE:-${TMPDIR:-/tmp}/local-slurm}
 CTLD_PORT=${SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${SLURMD_PORT:-6818}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
+NODES=${SLURM_LOCAL_NODES:-1}
 ACCT=${SLURM_LOCAL_ACCOUNTING:-none}
 PROCTRACK=${SLURM_LOCAL_PROCTRACK:-linuxproc}
 DBD_PORT=${SLURMDBD_PORT:-6819}
 DB_PORT=${SLURM_LOCAL_DB_PORT:-3307}
 CONF=$BASE/etc/slurm.conf
 log() { echo "[local_slurm_up] $*" >&2; }
+[[ "$NODES" =~ ^[1-9][0-9]?$ ]] || { log "SLURM_LOCAL_NODES must be a number of nodes from 1 to 99, got '$NODES'"; exit 2; }
 
 # ---------------------------------------------------------------- 1. packages
 PKGS="slurmctld slurmd slurm-client munge"
@@ -52,7 +59,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
 fi
 
 # ---------------------------------------------------------------- 2. layout
-mkdir -p "$BASE"/{etc,log,run,spool/ctld,spool/d,munge}
+mkdir -p "$BASE"/{etc,log,run,spool/ctld,munge}
 chmod 700 "$BASE/munge"       # munged: key dir must not be world readable
 chmod 755 "$BASE/run"         # munged: socket dir must be o+x
 if [ ! -s "$BASE/munge/munge.key" ]; then
@@ -60,7 +67,7 @@ if [ ! -s "$BASE/munge/munge.key" ]; then
   chmod 400 "$BASE/munge/munge.key"
 fi
 if [ "${SLURM_LOCAL_CLEAN:-0}" = 1 ]; then
-  rm -rf "$BASE"/spool/ctld/* "$BASE"/spool/d/* "$BASE"/log/jobcomp.txt
+  rm -rf "$BASE"/spool/ctld/* "$BASE"/spool/node-* "$BASE"/log/jobcomp.txt
 fi
 
 # ---------------------------------------------------------------- 3. config
@@ -68,8 +75,18 @@ HOST=$(hostname -s)
 # "NodeName=<host> CPUs=.. Boards=.. SocketsPerBoard=.. CoresPerSocket=.. ThreadsPerCore=.. RealMemory=.."
 NODELINE=$(slurmd -C | head -n1)
 MEM=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$NODELINE")
-MEM=$(( MEM * 9 / 10 ))       # leave headroom: more than detected => node INVAL
-NODELINE=$(sed "s/RealMemory=[0-9]*/RealMemory=$MEM/" <<<"$NODELINE")
+MEM=$(( MEM * 9 / 10 / NODES ))  # leave headroom: more than detected => node INVAL
+if [ "$NODES" = 1 ]; then
+  NODELINES="$(sed "s/RealMemory=[0-9]*/RealMemory=$MEM/" <<<"$NODELINE") NodeAddr=127.0.0.1 State=UNKNOWN"
+  NODENAMES=$HOST
+else
+  CPUS=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$NODELINE")
+  NODELINES=""; NODENAMES=""
+  for i in $(seq 1 "$NODES"); do
+    NODELINES+="NodeName=n$i NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"$'\n'
+    NODENAMES+="n$i "
+  done
+fi
 if [ "$ACCT" = dbd ]; then
   ACCT_LINES="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
@@ -92,11 +109,11 @@ CredType=cred/munge
 # cred_expire also = delay before a requeued job may start again (default 120 s)
 AuthInfo=socket=$BASE/run/munge.socket,cred_expire=10
 StateSaveLocation=$BASE/spool/ctld
-SlurmdSpoolDir=$BASE/spool/d
+SlurmdSpoolDir=$BASE/spool/node-%n
 SlurmctldPidFile=$BASE/run/slurmctld.pid
-SlurmdPidFile=$BASE/run/slurmd.pid
+SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
-SlurmdLogFile=$BASE/log/slurmd.log
+SlurmdLogFile=$BASE/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -121,9 +138,15 @@ KillWait=5
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=60
-$NODELINE NodeAddr=127.0.0.1 State=UNKNOWN
+$NODELINES
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+if [ -f "$CONF" ] && ! cmp -s "$CONF" "$CONF.new" && [ -n "$(ls "$BASE"/run/slurm*.pid 2>/dev/null)" ]; then
+  # a different node set or option: daemons read their config at start, so restart them
+  log "configuration changed: restarting the cluster"
+  SLURM_LOCAL_BASE=$BASE bash "$(dirname "$0")/local_slurm_down.sh"
+fi
+for n in $NODENAMES; do mkdir -p "$BASE/spool/node-$n"; done
 mv "$CONF.new" "$CONF"
 if [ "$PROCTRACK" = cgroup ]; then
   # only the freezer controller is used; no task/cgroup (it would move job
@@ -193,24 +216,25 @@ if ! alive "$BASE/run/slurmctld.pid" slurmctld; then
   log "starting slurmctld"
   slurmctld -f "$CONF"
 fi
-if ! alive "$BASE/run/slurmd.pid" slurmd; then
-  log "starting slurmd"
-  slurmd -f "$CONF"
-fi
+for n in $NODENAMES; do
+  alive "$BASE/run/slurmd-$n.pid" slurmd && continue
+  log "starting slurmd for node $n"
+  if [ "$NODES" = 1 ]; then slurmd -f "$CONF"; else slurmd -f "$CONF" -N "$n"; fi
+done
 
 # ---------------------------------------------------------------- 5. wait idle
 deadline=$(( $(date +%s) + TIMEOUT ))
-state=""
 while :; do
-  state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null || true)
-  case "$state" in
-    idle|mixed|allocated) break ;;
-    down*|drain*|fail*) scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
-  esac
+  states=$(sinfo -h -N -o "%N %T" 2>/dev/null || true)
+  ready=$(awk '$2=="idle"||$2=="mixed"||$2=="allocated"' <<<"$states" | wc -l)
+  [ "$ready" -ge "$NODES" ] && break
+  awk '$2 ~ /^(down|drain|fail)/ {print $1}' <<<"$states" | while read -r nd; do
+    scontrol update nodename="$nd" state=resume 2>/dev/null || true
+  done
   if [ "$(date +%s)" -ge "$deadline" ]; then
-    log "node not idle after ${TIMEOUT}s (state='$state'); see $BASE/log/"
+    log "nodes not idle after ${TIMEOUT}s: $(tr '\n' ' ' <<<"$states"); see $BASE/log/"
     exit 1
   fi
   sleep 0.2
 done
-log "node $HOST is $state after $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}') s;  export SLURM_CONF=$CONF"
+log "$NODES node(s) ready ($(echo $NODENAMES)) after $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}') s;  export SLURM_CONF=$CONF"

@@ -175,3 +175,53 @@ def test_ignore_memory_flag(tmp_path):
     assert run_launch(*args).returncode == 2
     res = run_launch(*args, "--ignore-memory")
     assert res.returncode == 0, res.stderr and "won't fit" in res.stderr
+
+
+# ----------------------------------------------------------------------------- sweeps and pipelines (no Slurm needed)
+def test_sweep_dry_run_makes_one_run_dir_per_point(tmp_path):
+    runs = tmp_path / "runs"
+    res = run_launch("smoke", "--cluster", "local-slurm", "--dry-run", "--runs-dir", str(runs),
+                     "--sweep", "train.lr=1e-3,2e-3", "--sweep", "parallel.ep=1,2")
+    assert res.returncode == 0, res.stderr
+    made = sorted(runs.iterdir())
+    assert len(made) == 4 and all(p.name.split("-smoke-s")[1][0] in "1234" for p in made)
+    points = [yaml.safe_load((p / "meta.yaml").read_text())["sweep"]["overrides"] for p in made]
+    assert sorted(map(tuple, points)) == sorted((f"train.lr={lr}", f"parallel.ep={ep}") for lr in ("1e-3", "2e-3") for ep in (1, 2))
+    assert res.stdout.count("#SBATCH --job-name=smoke") == 4
+
+
+def test_sweep_with_one_bad_point_writes_nothing(tmp_path):
+    res = run_launch("smoke", "--cluster", "local-slurm", "--dry-run", "--runs-dir", str(tmp_path / "runs"),
+                     "--sweep", "parallel.ep=2,4")
+    assert res.returncode == 2
+    assert "sweep point parallel.ep=4, cannot run" in res.stderr and "parallel.ep=2," not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("body, words", [
+    ("Pipeline('p', [])", "stages: a pipeline needs at least one stage"),
+    ("Pipeline('p', [Stage('a', command=['true']), Stage('a', command=['true'])])", "stages[1].name: two stages are named 'a'"),
+    ("Pipeline('p', [Stage('a')])", "stages[0]: give a stage either recipe="),
+    ("Pipeline('p', [Stage('a', command=['echo', '{nope}'])])", "names {nope}; known: {a}, {python}"),
+    ("Pipeline('p', [Stage('a', recipe='smoke', overrides=['train.max_stepz=3'])])", "override train.max_stepz: unknown key"),
+])
+def test_bad_pipelines_one_line_exit_2_nothing_written(tmp_path, body, words):
+    pipe = tmp_path / "p.py"
+    pipe.write_text(f"from launcher.pipeline import Pipeline, Stage\n\ndef pipeline():\n    return {body}\n")
+    res = run_launch(str(pipe), "--cluster", "local-slurm", "--dry-run", "--runs-dir", str(tmp_path / "runs"))
+    assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_dry_run_renders_every_stage(tmp_path):
+    runs = tmp_path / "runs"
+    res = run_launch("recipes/smoke_pipeline.py", "--cluster", "local-slurm", "--dry-run", "--runs-dir", str(runs))
+    assert res.returncode == 0, res.stderr
+    made = {yaml.safe_load((p / "meta.yaml").read_text())["pipeline"]["stage"]: p for p in runs.iterdir()}
+    assert sorted(made) == ["eval", "prepare", "train"]
+    # placeholders resolved to the other stages' run directories; no "not visible" warning for prepare's output
+    assert f"{made['prepare']}/data" in (made["train"] / "recipe.yaml").read_text()
+    assert f"--run-dir {made['train']}" in (made["eval"] / "command.sbatch").read_text()
+    assert "not visible" not in res.stderr and "submitted job" not in res.stdout + res.stderr
+    assert res.stdout.count("#!/bin/bash") == 3 and "#SBATCH --no-requeue" in res.stdout

@@ -11,7 +11,9 @@ from launcher import paths
 from launcher.cluster import load_profile
 from launcher.errors import UserError
 from launcher.preflight import run_preflight
-from launcher.recipe_loader import load_recipe, shipped_names
+from launcher.pipeline import Pipeline, placeholders
+from launcher.recipe_loader import apply_overrides, load_recipe, load_target, shipped_names
+from launcher.submission import render_command
 from launcher.render import RenderInput, environment, render
 
 GOLDEN = paths.PACKAGE_DIR.parent / "tests" / "golden"
@@ -20,13 +22,31 @@ CLUSTERS = sorted(p.stem for p in paths.data_dir("clusters").glob("*.yaml"))
 
 
 def golden_text(recipe_name, cluster_name):
-    """The rendered script, or the pre-flight refusal, with a fixed run dir and interpreter."""
-    recipe, _ = load_recipe(recipe_name)
+    """The rendered script (a pipeline: each stage's), or the pre-flight refusal, with fixed run dirs and interpreter."""
+    target, _ = load_target(recipe_name)
     profile, _ = load_profile(cluster_name)
-    pre = run_preflight(recipe, profile)
+    if isinstance(target, Pipeline):
+        dirs = {st.name: f"/runs/{target.name}.{st.name}-{cluster_name}" for st in target.stages}
+        values = {**dirs, "python": "python3"}
+        parts = []
+        for i, st in enumerate(target.stages, 1):
+            parts.append(f"# ==== stage {i}: {st.name}\n")
+            if st.command is not None:
+                st = dataclasses.replace(st, command=[placeholders(a, values, "command") for a in st.command])
+                parts.append(render_command(st, f"{target.name}.{st.name}", profile, dirs[st.name], "python3"))
+            else:
+                recipe = apply_overrides(load_recipe(st.recipe)[0], [placeholders(o, values, "overrides") for o in st.overrides])
+                earlier = tuple(dirs[s.name] for s in target.stages[:i - 1])
+                parts.append(_render_recipe(recipe, profile, dirs[st.name], earlier))
+        return "".join(parts)
+    return _render_recipe(target, profile, f"/runs/{recipe_name}-{cluster_name}")
+
+
+def _render_recipe(recipe, profile, run_dir, produced=()):
+    pre = run_preflight(recipe, profile, produced=produced)
     if not pre.ok:
         return "# pre-flight refuses this pair\n" + "".join(f"{p.severity}: {p}\n" for p in pre.problems)
-    return render(RenderInput(recipe, profile, pre.layout, f"/runs/{recipe_name}-{cluster_name}", python="python3"))
+    return render(RenderInput(recipe, profile, pre.layout, run_dir, python="python3"))
 
 
 @pytest.mark.parametrize("cluster_name", CLUSTERS)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,136 @@ def test_signal_before_time_limit_checkpoints_requeues_once_and_resumes_exactly(
         weights[name] = torch.load(out, weights_only=False)["model"]
     a, b = weights["straight"], weights["signalled"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- timed out, multi-node, pipelines, sweeps
+def write_profile(tmp_path: Path, base: str, name: str, **slurm) -> str:
+    """A copy of a shipped profile with some slurm fields changed (a path works as --cluster)."""
+    prof = yaml.safe_load((ROOT / "clusters" / f"{base}.yaml").read_text())
+    prof["name"] = name
+    prof["slurm"].update(slurm)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return str(path)
+
+
+def the_run(runs: Path) -> tuple[Path, str]:
+    (run,) = list(runs.iterdir())
+    return run, yaml.safe_load((run / "submission.yaml").read_text())["job_id"]
+
+
+def test_a_job_past_its_time_limit_shows_as_timed_out_and_is_not_requeued(tmp_path):
+    prof = write_profile(tmp_path, "local-slurm", "short", time="00:01:00", signal_seconds=0)  # no pre-timeout signal
+    runs = tmp_path / "runs"
+    assert launch("smoke", "--cluster", prof, "--runs-dir", str(runs), "train.max_steps=100000").returncode == 0
+    run, job = the_run(runs)
+    wait_gone(job, timeout=240)
+    st = launch("status", str(run)).stdout
+    assert "TIMEOUT" in st and "restarts 0" in st, st
+    assert "requeueing" not in launch("logs", str(run)).stdout
+
+
+two_nodes = pytest.mark.skipif(
+    len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()) < 2
+    if shutil.which("sinfo") and os.environ.get("SLURM_CONF") else True,
+    reason="needs a Slurm cluster of 2 nodes (SLURM_LOCAL_NODES=2 scripts/local_slurm_up.sh)")
+
+
+@two_nodes
+def test_two_node_job_trains_across_both_nodes(tmp_path):
+    runs = tmp_path / "runs"
+    res = launch("smoke", "--cluster", "local-slurm-2n", "--runs-dir", str(runs), "train.max_steps=8")
+    assert res.returncode == 0, res.stderr
+    run, job = the_run(runs)
+    wait_gone(job)
+    log = (run / "logs" / f"slurm-{job}.out").read_text()
+    assert "2 node(s)" in log and "job step exited 0" in log, log[-3000:]
+    # one torchrun per node met at the head's rendezvous: rank 0 on one node, rank 1 on the other
+    line = next(ln for ln in log.splitlines() if "moe-launch: training" in ln)
+    placed = dict(re.findall(r"(\S+) \(rank (\d)\)", line.split(" on nodes ")[1].split(", layout")[0]))
+    assert len(placed) == 2 and sorted(placed.values()) == ["0", "1"], line
+    losses = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0
+
+
+@two_nodes
+def test_unreachable_head_fails_fast_with_a_readable_error(tmp_path):
+    # 192.0.2.1 is TEST-NET-1: never assigned, so the second node can never reach a rendezvous there
+    prof = write_profile(tmp_path, "local-slurm-2n", "bad-head", rdzv_host="192.0.2.1", rdzv_timeout=6)
+    runs = tmp_path / "runs"
+    assert launch("smoke", "--cluster", prof, "--runs-dir", str(runs)).returncode == 0
+    run, job = the_run(runs)
+    wait_gone(job, timeout=90)
+    st = launch("status", str(run)).stdout
+    assert "FAILED" in st and "exit 2:0" in st and "restarts 0" in st, st
+    log = launch("logs", str(run)).stdout
+    assert "cannot reach the head node" in log and "192.0.2.1" in log and "requeueing" not in log, log
+
+
+def job_times(job: str) -> tuple[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True).stdout
+    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+    return fields["StartTime"], fields["EndTime"]
+
+
+def test_three_stage_pipeline_runs_in_order(tmp_path):
+    runs = tmp_path / "runs"
+    res = launch("recipes/smoke_pipeline.py", "--cluster", "local-slurm", "--runs-dir", str(runs))
+    assert res.returncode == 0, res.stderr
+    stages = {}
+    for run in runs.iterdir():
+        stage = yaml.safe_load((run / "meta.yaml").read_text())["pipeline"]["stage"]
+        stages[stage] = (run, yaml.safe_load((run / "submission.yaml").read_text()))
+    assert sorted(stages) == ["eval", "prepare", "train"]
+    assert stages["train"][1]["after_ok"] == stages["prepare"][1]["job_id"]
+    assert stages["eval"][1]["after_ok"] == stages["train"][1]["job_id"]
+    wait_gone(stages["eval"][1]["job_id"], timeout=240)
+    times = {s: job_times(str(sub["job_id"])) for s, (_, sub) in stages.items()}
+    assert times["prepare"][1] <= times["train"][0] and times["train"][1] <= times["eval"][0], times
+    for s, (run, _) in stages.items():
+        assert "COMPLETED" in launch("status", str(run)).stdout, s
+    # the stages handed their outputs on: train read prepare's data, eval read train's checkpoint
+    train_run = stages["train"][0]
+    assert str(stages["prepare"][0] / "data") in (train_run / "recipe.yaml").read_text()
+    result = json.loads((train_run / "eval-validation.json").read_text())
+    first = json.loads((train_run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert result["step"] == 20 and result["loss"] < first - 1.0
+
+
+def test_failing_first_stage_cancels_the_rest_and_leaves_nothing_pending(tmp_path):
+    pipe = tmp_path / "failing_pipeline.py"
+    pipe.write_text(
+        "from launcher.pipeline import Pipeline, Stage\n\n"
+        "def pipeline():\n"
+        "    return Pipeline('failing', [\n"
+        "        Stage('convert', command=['{python}', '-c', 'import sys; sys.exit(\"no such checkpoint\")']),\n"
+        "        Stage('train', recipe='smoke'),\n"
+        "        Stage('eval', command=['{python}', '-m', 'trainer.evaluate', '--run-dir', '{train}']),\n"
+        "    ])\n")
+    runs = tmp_path / "runs"
+    res = launch(str(pipe), "--cluster", "local-slurm", "--runs-dir", str(runs))
+    assert res.returncode == 0, res.stderr
+    jobs = [yaml.safe_load((r / "submission.yaml").read_text())["job_id"] for r in runs.iterdir()]
+    for job in jobs:
+        wait_gone(job, timeout=60)  # nothing left pending (DependencyNeverSatisfied would pend forever)
+    states = {yaml.safe_load((r / "meta.yaml").read_text())["pipeline"]["stage"]: launch("status", str(r)).stdout for r in runs.iterdir()}
+    assert "FAILED" in states["convert"] and "exit 1:0" in states["convert"]
+    assert "CANCELLED" in states["train"] and "CANCELLED" in states["eval"]
+    assert "no such checkpoint" in launch("logs", str(next(r for r in runs.iterdir() if ".convert-" in r.name))).stdout
+
+
+def test_two_point_sweep_makes_two_runs(tmp_path):
+    runs = tmp_path / "runs"
+    res = launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), "train.max_steps=4",
+                 "--sweep", "train.lr=1e-3,2e-3")
+    assert res.returncode == 0, res.stderr
+    made = sorted(runs.iterdir())
+    assert len(made) == 2 and res.stdout.count("submitted job") == 2
+    lrs = []
+    for run in made:
+        job = yaml.safe_load((run / "submission.yaml").read_text())["job_id"]
+        wait_gone(job)
+        assert "COMPLETED" in launch("status", str(run)).stdout
+        lrs.append(yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"])
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert sorted(lrs) == [1e-3, 2e-3]

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -44,14 +45,18 @@ EXIT_CODE_FILE = "EXIT_CODE"  # "<code> <reason>": torchrun reports any failed w
 
 
 class StopFlag:
-    """Set by SIGUSR2 (forwarded by the sbatch script ahead of the time limit, or sent by hand)."""
+    """Set by SIGUSR2 (forwarded by the sbatch script ahead of the time limit, or sent by hand) and by
+    SIGTERM (Slurm preempting the job, which it then requeues itself): checkpoint at the end of the step, stop."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGUSR2, self._handler)
+        self.name = ""
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.requested = True
+        self.name = self.name or signal.Signals(signum).name
 
 
 def load_run(run_dir: Path) -> tuple[Recipe, ClusterProfile, dict]:
@@ -85,6 +90,15 @@ def _global_sum(values: list[float], group=None) -> list[float]:
     return t.tolist()
 
 
+def _ranks_per_node(nodes: list[str]) -> str:
+    """'node(s) n1 (ranks 0-3), n2 (ranks 4-7)': where torchrun put the ranks."""
+    spans: dict[str, list[int]] = {}
+    for r, n in enumerate(nodes):
+        spans.setdefault(n, []).append(r)
+    parts = [f"{n} (rank{'s' * (len(r) > 1)} {r[0]}{'-' + str(r[-1]) if len(r) > 1 else ''})" for n, r in spans.items()]
+    return f"node{'s' * (len(spans) > 1)} " + ", ".join(parts)
+
+
 def train(run_dir: Path) -> int:
     recipe, profile, plan = load_run(run_dir)
     layout = plan["layout"]
@@ -99,6 +113,9 @@ def train(run_dir: Path) -> int:
     if layout["cp"] != 1:
         raise SystemExit("moe-launch: error: the native trainer does not do context parallelism yet")
     stop = StopFlag()
+    # which node each rank runs on (SLURMD_NODENAME under Slurm: emulated nodes share a hostname)
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
     if rank == 0:
         (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
     train_cfg, data_cfg = recipe.train, recipe.data
@@ -163,7 +180,7 @@ def train(run_dir: Path) -> int:
         start = saved["step"]
         loader.load_state_dict(saved["data"])
         log.info(f"moe-launch: resumed from {found} at step {start}" + ("" if saved["layout"] == layout else f" (layout was {saved['layout']})"))
-    log.info(f"moe-launch: training {recipe.name}: {recipe.model.name} on {world} rank(s), layout {layout}, "
+    log.info(f"moe-launch: training {recipe.name}: {recipe.model.name} on {world} rank(s) on {_ranks_per_node(nodes)}, layout {layout}, "
              f"{n_micro} micro-batch(es) of {train_cfg.micro_batch_size} x {data_cfg.seq_length} per rank per step; data {loader.stats()}")
 
     flops_per_token = recipe.model.train_flops_per_token(data_cfg.seq_length)
@@ -233,8 +250,8 @@ def train(run_dir: Path) -> int:
             log.info(f"moe-launch: checkpoint {path}")
         if stop_votes > 0 and step < train_cfg.max_steps:
             if rank == 0:
-                (run_dir / EXIT_CODE_FILE).write_text(f"{REQUEUE_EXIT_CODE} checkpointed at step {step} after SIGUSR2\n")
-            log.info(f"moe-launch: stopping at step {step} after SIGUSR2; exit {REQUEUE_EXIT_CODE} asks for a requeue")
+                (run_dir / EXIT_CODE_FILE).write_text(f"{REQUEUE_EXIT_CODE} checkpointed at step {step} after {stop.name or 'a stop signal'}\n")
+            log.info(f"moe-launch: stopping at step {step} after {stop.name or 'a stop signal on another rank'}; exit {REQUEUE_EXIT_CODE} asks for a requeue")
             log.close()
             return REQUEUE_EXIT_CODE
     log.info(f"moe-launch: done: {step} steps")

@@ -74,3 +74,19 @@ def ensure_smoke_dataset(cache_dir: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trainer.smoke_data", description="Write the smoke SFT dataset (arithmetic Q/A).")
+    p.add_argument("directory", type=Path, help="where training/validation/test.jsonl go")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = write_smoke_dataset(args.directory, seed=args.seed)
+    print(f"moe-launch: smoke dataset written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

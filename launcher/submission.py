@@ -1,0 +1,204 @@
+"""One launch = one or more runs: a single recipe, a sweep (``--sweep key=v1,v2``), or a pipeline.
+
+All or nothing, in three passes: every run is checked (preflight) before any is written, every run
+directory is written before any job is submitted, and if sbatch refuses one job the jobs already
+submitted by this launch are cancelled and its run directories removed. Pipeline stages are
+submitted in order, each depending on the previous one (``afterok``, ``--kill-on-invalid-dep=yes``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher import config_io, provenance, recipe_loader, rundir
+from launcher.cluster import ClusterProfile, check_sbatch_value, check_slurm_fields
+from launcher.errors import UserError
+from launcher.pipeline import Pipeline, Stage, placeholders
+from launcher.plan import plan_dict, summary
+from launcher.preflight import Preflight, run_preflight
+from launcher.recipe import Recipe
+from launcher.render import RenderInput, Shell, environment, render
+
+
+@dataclass
+class Run:
+    """One job of a launch, from planning to submission."""
+
+    label: str  # names the run directory: recipe name, "<recipe>-s<i>" or "<pipeline>.<stage>"
+    spec: str = ""  # the recipe as the user named it (for the summary)
+    recipe: Recipe | None = None  # training runs
+    recipe_path: Path | None = None
+    stage: Stage | None = None  # pipeline stages
+    overrides: list[str] = field(default_factory=list)
+    meta_extra: dict = field(default_factory=dict)
+    after_previous: bool = False  # pipeline: start only after the previous run succeeded
+    pre: Preflight | None = None
+    run_dir: Path | None = None
+    script_name: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)  # summary
+    job_id: str | None = None
+
+
+def sweep_points(specs: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x,y"]`` -> the cartesian product as override lists (one run each)."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        vals = [v for v in values.split(",")]
+        if not sep or not key or not all(vals) or len(vals) < 1:
+            raise UserError(f"{spec!r} is not key=v1,v2,...", "--sweep")
+        if key in {a[0] for a in axes}:
+            raise UserError(f"{key} is swept twice; give all its values in one --sweep", "--sweep")
+        axes.append((key, vals))
+    return [[f"{k}={v}" for k, v in zip([a[0] for a in axes], combo)] for combo in itertools.product(*[a[1] for a in axes])]
+
+
+def runs_for_recipe(spec: str, overrides: list[str], sweeps: list[str]) -> list[Run]:
+    base, path = recipe_loader.load_recipe(spec)
+    points = sweep_points(sweeps) if sweeps else [[]]
+    runs = []
+    for i, point in enumerate(points, 1):
+        recipe = recipe_loader.apply_overrides(base, [*overrides, *point])
+        label = recipe.name if len(points) == 1 else f"{recipe.name}-s{i}"  # safe in paths and #SBATCH lines
+        extra = {"sweep": {"index": i, "of": len(points), "overrides": point}} if sweeps else {}
+        runs.append(Run(label, spec.partition(":")[0], recipe, path, overrides=[*overrides, *point], meta_extra=extra))
+    return runs
+
+
+def runs_for_pipeline(p: Pipeline, path: Path, overrides: list[str]) -> list[Run]:
+    """Stages as runs; ``overrides`` from the command line apply to every training stage."""
+    runs = []
+    for i, st in enumerate(p.stages):
+        extra = {"pipeline": {"name": p.name, "stage": st.name, "index": i + 1, "of": len(p.stages),
+                              "stages": [s.name for s in p.stages]}}
+        runs.append(Run(f"{p.name}.{st.name}", stage=st, recipe_path=path, overrides=list(overrides),
+                        meta_extra=extra, after_previous=i > 0))
+    return runs
+
+
+def plan_runs(runs: list[Run], profile: ClusterProfile, root: Path, memory_check: bool, python: str) -> list[Run]:
+    """Name every run directory, then resolve and check every training run. Returns the failed ones."""
+    for run in runs:
+        run.run_dir = rundir.reserve_name(root, run.label, profile.name)
+    taken = [r.run_dir for r in runs]
+    if len(set(taken)) != len(taken):
+        raise UserError("two runs of this launch would share a run directory name", "RECIPE")
+    values = {r.stage.name: str(r.run_dir) for r in runs if r.stage}
+    values["python"] = python
+    failed = []
+    for run in runs:
+        st = run.stage
+        if st is not None and st.recipe is not None:
+            where = f"{run.recipe_path}: stage {st.name}"
+            recipe, run.recipe_path = recipe_loader.load_recipe(st.recipe)
+            run.spec = st.recipe
+            ov = [placeholders(o, values, f"{where}.overrides") for o in [*st.overrides, *run.overrides]]
+            run.recipe = recipe_loader.apply_overrides(recipe, ov)
+        if run.recipe is not None:
+            earlier = tuple(str(r.run_dir) for r in runs[:runs.index(run)] if r.stage)  # written before this one starts
+            run.pre = run_preflight(run.recipe, profile, memory_check=memory_check, produced=earlier)
+            if not run.pre.ok:
+                failed.append(run)
+        else:
+            st.command = [placeholders(a, values, f"{run.recipe_path}: stage {st.name}.command") for a in st.command]
+    return failed
+
+
+def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_run: bool, python: str) -> None:
+    for run in runs:
+        meta = {**provenance.metadata(argv, run.recipe_path, dry_run), **run.meta_extra}
+        if run.recipe is not None:
+            plan = plan_dict(run.recipe, profile, run.pre)
+            run.script_name = "job.sbatch" if profile.executor == "slurm" else "job.sh"
+            script = render(RenderInput(run.recipe, profile, run.pre.layout, str(run.run_dir)))
+            run.files = {run.script_name: script, "recipe.yaml": config_io.to_yaml(run.recipe),
+                         "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan), "meta.yaml": rundir.dump(meta)}
+            run.lines = summary(run.recipe, run.spec, profile, run.pre, plan)
+        else:
+            st = run.stage
+            run.script_name = "command.sbatch" if profile.executor == "slurm" else "command.sh"
+            script = render_command(st, run.label, profile, str(run.run_dir), python)
+            plan = {"cluster": profile.name, "stage": st.name, "command": st.command}
+            run.files = {run.script_name: script, "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan),
+                         "meta.yaml": rundir.dump(meta)}
+            run.lines = [f"stage    {st.name}: {shlex.join(st.command)}"]
+
+
+def render_command(st: Stage, job_name: str, profile: ClusterProfile, run_dir: str, python: str) -> str:
+    image = profile.container.image
+    slurm = profile.slurm if profile.executor == "slurm" else None
+    if slurm is not None:
+        check_slurm_fields(profile, f"cluster {profile.name}: ")
+        check_sbatch_value(run_dir, "run directory (it goes into #SBATCH --output)")
+        if st.time is not None:
+            check_sbatch_value(st.time, f"stage {st.name}.time")
+    return environment().get_template("command.sbatch.j2").render(
+        stage=st, pipeline=job_name.split(".")[0], job_name=job_name, profile=profile, slurm=slurm, run_dir=run_dir,
+        image=image, env=sorted(profile.env.items()), command=Shell(shlex.join(st.command)), command_text=shlex.join(st.command),
+    )
+
+
+def write_runs(runs: list[Run]) -> None:
+    """Create every run directory, or none. FileExistsError: a name was taken meanwhile (by another
+    launch in the same second); the caller plans again, which picks free names."""
+    made: list[Path] = []
+    try:
+        for run in runs:
+            rundir.create(run.run_dir, run.files)
+            made.append(run.run_dir)
+    except BaseException:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def submit_runs(runs: list[Run], out) -> None:
+    """sbatch each run (pipeline stages chained with afterok); all or nothing."""
+    from launcher import jobs, slurm
+
+    done: list[Run] = []
+    try:
+        for run in runs:
+            dep = done[-1].job_id if run.after_previous and done else None
+            run.job_id = slurm.submit(run.run_dir / run.script_name, after_ok=dep)
+            done.append(run)
+    except BaseException:
+        for r in done:
+            try:
+                jobs.cancel(r.job_id)
+            except UserError:
+                pass
+        for r in runs:
+            shutil.rmtree(r.run_dir, ignore_errors=True)  # ours, just made: nothing half-submitted stays behind
+        raise
+    for run in runs:
+        sub = {"job_id": run.job_id}
+        if run.after_previous:
+            sub["after_ok"] = runs[runs.index(run) - 1].job_id
+        (run.run_dir / "submission.yaml").write_text(rundir.dump(sub))
+        after = f" (after {sub['after_ok']} succeeds)" if run.after_previous else ""
+        print(f"submitted job {run.job_id}{after}: {run.run_dir.name}", file=out)
+
+
+def run_locally(runs: list[Run], pipeline: bool) -> int:
+    """The local executor: one run after the other; a pipeline stops at its first failed stage."""
+    from launcher import local_exec
+
+    worst = 0
+    for i, run in enumerate(runs):
+        if len(runs) > 1:
+            print(f"moe-launch: run {i + 1}/{len(runs)}: {run.run_dir.name}", file=sys.stderr, flush=True)
+        rc = local_exec.run(run.run_dir / run.script_name)
+        worst = worst or rc
+        if rc and pipeline:
+            skipped = [r.stage.name for r in runs[i + 1:]]
+            if skipped:
+                print(f"moe-launch: stage {run.stage.name} failed (exit {rc}); not running {', '.join(skipped)}", file=sys.stderr)
+            return rc
+    return worst
