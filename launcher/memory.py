@@ -1,15 +1,21 @@
 """Per-GPU memory estimate for a recipe on a layout (torch-free, from the configs alone).
 
-Model (see shared/reference/deepseek-v3-family.md):
-- static bytes per parameter with a distributed optimizer: bf16 weights 2 + fp32 grads 4 +
-  fp32 master/Adam m/Adam v 12 sharded over the data-parallel group (dense parameters over DP x CP,
-  routed experts over the expert-data-parallel group). fp32 training: 4 + 4 + 8/d. LoRA: frozen
-  weights only, plus the adapters as trainable.
-- activations: the tensors a MLA/MoE layer keeps for backward (bf16), per token, with
-  TP/SP/ETP sharding, reduced by the recompute setting, times the micro-batches a pipeline rank
-  holds in flight for the schedule; fp32 logits and their gradient on the last stage.
-- labelled margins: routing imbalance on the MoE activations, NCCL/all-to-all buffers and the
-  CUDA context.
+Static memory is counted tensor by tensor (``model.config.TensorSpec``), split the way each backend
+splits it (torch.chunk semantics for uneven splits; the fullest rank is reported):
+
+- native (FSDP2, what ``trainer/`` runs): fp32 parameters, fp32 gradients and AdamW's two fp32 moments
+  (plus a 4-byte step counter per tensor) are all sharded: dense tensors over DP on dim 0 after TP,
+  routed experts over the expert-data-parallel group after EP/ETP. Embedding and output head are
+  replicated over TP. LoRA: gradients and optimizer states for the adapters only. Plus the copies FSDP
+  gathers (bf16 with mixed precision) for the layer in use and the next one, and the unsharded root.
+- nemo (Megatron's distributed optimizer): bf16 weights 2 + fp32 grads 4 bytes per model-parallel-local
+  parameter, fp32 master/Adam m/Adam v 12 bytes sharded over DP x CP (dense) or EDP (experts);
+  vocab-parallel embedding and head. fp32 training: 4 + 4 + 8/d.
+
+Activations: the tensors a MLA/MoE layer keeps for backward (bf16), per token, with TP/SP/ETP
+sharding, reduced by the recompute setting, times the micro-batches a pipeline rank holds in flight
+for the schedule; fp32 logits and their gradient on the last stage. Labelled margins: routing
+imbalance on the MoE activations, NCCL/all-to-all buffers and the CUDA context.
 """
 
 from __future__ import annotations
@@ -17,17 +23,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.layout import Layout, rank_layers
-from model.config import ModelConfig
+from model.config import ModelConfig, TensorSpec
 
 GiB = 1024**3
 ROUTING_IMBALANCE = 0.25  # extra MoE activation memory for uneven expert load
 CUDA_OVERHEAD_GIB = 1.5  # CUDA context, allocator fragmentation
 COMM_BUFFERS_GIB = 2.0  # NCCL and all-to-all buffers
+STATIC = ("weights", "grads", "optimizer")  # the items the trainer measures (memory.json)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    items: tuple[tuple[str, float], ...]  # (label, bytes) on the fullest pipeline rank
+    items: tuple[tuple[str, float], ...]  # (label, bytes) on one pipeline rank (estimate(): the fullest)
     pp_rank: int
     capacity: float  # bytes per GPU
     per: str = "GPU"  # "process" on a CPU profile
@@ -35,6 +42,9 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         return sum(b for _, b in self.items)
+
+    def get(self, label: str) -> float:
+        return sum(b for k, b in self.items if k == label)
 
     @property
     def verdict(self) -> str:
@@ -112,34 +122,115 @@ def in_flight(schedule: str, pp: int, vpp: int, rank: int, microbatches: int) ->
     return n
 
 
-def estimate(recipe, lay: Layout, capacity_gib: float, device: str = "cuda") -> MemoryEstimate:
-    """Memory on the fullest pipeline rank of ``lay`` (``recipe`` is a launcher.recipe.Recipe)."""
+def chunk(n: int, parts: int, index: int = 0) -> int:
+    """Rows part ``index`` gets when torch.chunk splits ``n`` rows ``parts`` ways (DTensor and FSDP2 both
+    shard this way; the first parts are the fullest)."""
+    size = -(-n // parts)
+    return max(0, min(size, n - index * size))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def model_parallel_shape(t: TensorSpec, lay: Layout) -> list[int]:
+    """The tensor's shape on one rank after EP (experts, dim 0) and TP/ETP, before data-parallel sharding."""
+    shape = list(t.shape)
+    if t.expert and lay.etp == 1:
+        shape[0] = chunk(shape[0], lay.ep)
+    if t.tp_dim is not None:
+        shape[t.tp_dim] = chunk(shape[t.tp_dim], lay.etp if t.expert else lay.tp)
+    return shape
+
+
+def fsdp_local(t: TensorSpec, lay: Layout) -> int:
+    """Elements FSDP2 keeps on the fullest rank: experts over their data-parallel group (on dim 1 when EP
+    holds dim 0), the rest over DP. The native trainer's EP groups lie inside DP (experts are replicated
+    over TP when ETP is 1), so its expert data-parallel group is DP / EP."""
+    shape = model_parallel_shape(t, lay)
+    if t.expert:
+        dp = lay.dp * lay.cp
+        dim, parts = (1 if lay.etp == 1 else 0), (dp // lay.ep if dp % lay.ep == 0 else lay.edp)
+    else:
+        dim, parts = 0, lay.dp * lay.cp
+    shape[dim] = chunk(shape[dim], parts)
+    return _numel(shape)
+
+
+def lora_tensors(t: TensorSpec, rank: int) -> list[TensorSpec]:
+    """LoRA's A [r, in] and B [out, r] of a wrapped linear, split over TP as its base is (column: B, row: A)."""
+    out_f, in_f = t.shape
+    return [TensorSpec(t.name + ".lora_A", (rank, in_f), 1 if t.tp_dim == 1 else None),
+            TensorSpec(t.name + ".lora_B", (out_f, rank), 0 if t.tp_dim == 0 else None)]
+
+
+def rank_tensors(recipe, lay: Layout, r: int, vocab_parallel: bool) -> tuple[list[TensorSpec], list[TensorSpec], list[list[TensorSpec]]]:
+    """(frozen, trainable, FSDP groups) of the parameter tensors pipeline rank ``r`` holds; the last group is the root."""
+    m, peft = recipe.model, recipe.peft
+    lora = peft.method == "lora"
+    last = (lay.pp * lay.vpp - 1) % lay.pp
+    uses_mtp = m.num_nextn_predict_layers > 0 and (lay.pp == 1 or recipe.train.mtp_loss_weight > 0)
+    frozen: list[TensorSpec] = []
+    trainable: list[TensorSpec] = []
+    groups: list[list[TensorSpec]] = []
+    for i in rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)[r]:
+        layer = m.layer_tensors(i)
+        groups.append(layer)
+        (frozen if lora else trainable).extend(layer)
+        if lora:  # adapters on the targeted linears of the decoder layers (trainer/lora.py)
+            for t in layer:
+                if t.name.rsplit(".", 1)[-1] in peft.targets and len(t.shape) == 2 and not t.expert and t.name != "mlp.gate":
+                    trainable += lora_tensors(t, peft.rank)
+    root = []
+    if r == 0 or (r == last and uses_mtp and lay.pp > 1):  # the last stage keeps a copy of the embedding for MTP
+        root.append(m.embedding_tensor(vocab_parallel))
+    if r == last:
+        root += m.head_tensors(vocab_parallel)
+        if uses_mtp:
+            for _ in range(m.num_nextn_predict_layers):
+                block = m.mtp_block_tensors(eh_proj_tp=lay.sp)
+                groups.append(block)
+                (frozen if lora else trainable).extend(block)
+    (frozen if lora else trainable).extend(root)
+    return frozen, trainable, groups + [root]
+
+
+def static_items(recipe, lay: Layout, r: int) -> list[tuple[str, float]]:
+    """Weights, gradients and optimizer states of pipeline rank ``r`` (its fullest DP/TP rank), in bytes."""
+    bf16 = recipe.train.precision == "bf16"
+    if recipe.backend.name == "native":
+        frozen, trainable, groups = rank_tensors(recipe, lay, r, vocab_parallel=False)
+        local_t = sum(fsdp_local(t, lay) for t in trainable)
+        local_all = local_t + sum(fsdp_local(t, lay) for t in frozen)
+        items = [("weights", 4 * local_all), ("grads", 4 * local_t), ("optimizer", 8 * local_t + 4 * len(trainable))]
+        if lay.dp * lay.cp > 1 or lay.edp > 1:
+            # FSDP gathers a layer's parameters for its forward and backward, one layer ahead, and
+            # reduce-scatters its fp32 gradients; the root module (embedding, head) stays gathered.
+            per_layer = [sum(_numel(model_parallel_shape(t, lay)) for t in g) for g in groups[:-1]] or [0]
+            root = sum(_numel(model_parallel_shape(t, lay)) for t in groups[-1])
+            items.append(("fsdp gather buffers", (2 if bf16 else 4) * (2 * max(per_layer) + root) + 4 * max(per_layer)))
+        return items
+    frozen, trainable, _ = rank_tensors(recipe, lay, r, vocab_parallel=True)
+    w, opt = (2, 12) if bf16 else (4, 8)
+    dense_t = sum(_numel(model_parallel_shape(t, lay)) for t in trainable if not t.expert)
+    exp_t = sum(_numel(model_parallel_shape(t, lay)) for t in trainable if t.expert)
+    frozen_n = sum(_numel(model_parallel_shape(t, lay)) for t in frozen)
+    return [("weights", w * (frozen_n + dense_t + exp_t)), ("grads", 4 * (dense_t + exp_t)),
+            ("optimizer", opt * dense_t / (lay.dp * lay.cp) + opt * exp_t / lay.edp)]
+
+
+def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda") -> list[MemoryEstimate]:
+    """Memory of every pipeline rank of ``lay`` (``recipe`` is a launcher.recipe.Recipe)."""
     m, train, par = recipe.model, recipe.train, recipe.parallel
-    lora = recipe.peft.method == "lora"
-    w_bytes = 2 if train.precision == "bf16" else 4
-    d_dense, d_exp = lay.dp * lay.cp, lay.edp
     micro = max(train.global_batch_size // max(train.micro_batch_size * lay.dp, 1), 1)
     tokens = train.micro_batch_size * recipe.data.seq_length / lay.cp
     last = (lay.pp * lay.vpp - 1) % lay.pp
-    best = None
+    out = []
     for r, layers in enumerate(rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)):
-        dense = sum(m.layer_params(i).dense for i in layers)
-        experts = sum(m.layer_params(i).experts for i in layers)
-        if r == 0:
-            dense += m.embedding_params()
-        if r == last:
-            mtp = m.mtp_params()
-            dense += m.head_params() + mtp.dense
-            experts += mtp.experts
-        dense_gpu, exp_gpu = dense / lay.tp, experts / (lay.ep * lay.etp)
-        items: list[tuple[str, float]] = [("weights", (dense_gpu + exp_gpu) * w_bytes)]
-        if lora:
-            adapters = lora_params(m, layers, recipe.peft.targets, recipe.peft.rank) / lay.tp
-            items += [("grads", adapters * 4), ("optimizer", adapters * (12 if w_bytes == 2 else 8) / d_dense),
-                      ("lora adapters", adapters * w_bytes)]
-        else:
-            opt = 12 if w_bytes == 2 else 8
-            items += [("grads", (dense_gpu + exp_gpu) * 4), ("optimizer", dense_gpu * opt / d_dense + exp_gpu * opt / d_exp)]
+        items = static_items(recipe, lay, r)
         dense_act = routed_act = 0.0
         for i in layers:
             d, e = _activation_elems_per_token(m, i, lay, par.recompute)
@@ -156,7 +247,10 @@ def estimate(recipe, lay: Layout, capacity_gib: float, device: str = "cuda") -> 
             items.append(("logits", tokens * m.vocab_size / lay.tp * 4 * 2 * heads))
         if device == "cuda":
             items += [("comm buffers", COMM_BUFFERS_GIB * GiB), ("cuda context", CUDA_OVERHEAD_GIB * GiB)]
-        est = MemoryEstimate(tuple(items), r, capacity_gib * GiB, "process" if device == "cpu" else "GPU")
-        if best is None or est.total > best.total:
-            best = est
-    return best
+        out.append(MemoryEstimate(tuple(items), r, capacity_gib * GiB, "process" if device == "cpu" else "GPU"))
+    return out
+
+
+def estimate(recipe, lay: Layout, capacity_gib: float, device: str = "cuda") -> MemoryEstimate:
+    """Memory on the fullest pipeline rank of ``lay``."""
+    return max(estimate_ranks(recipe, lay, capacity_gib, device), key=lambda e: e.total)

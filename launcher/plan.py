@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from launcher.cluster import ClusterProfile
 from launcher.layout import rank_layers, split_layers
-from launcher.memory import GiB
+from launcher.memory import STATIC, GiB, estimate_ranks
 from launcher.preflight import Preflight
 from launcher.recipe import Recipe
 
@@ -33,7 +33,10 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
         "model": {"name": m.name, "params_total": m.num_params(), "params_active": m.num_active_params(),
                   "params_mtp": m.mtp_params().total},
         "memory": {"verdict": mem.verdict, "total_gib": round(mem.total / GiB, 2), "capacity_gib": round(mem.capacity / GiB, 2),
-                   "pp_rank": mem.pp_rank, "items_gib": {k: round(v / GiB, 3) for k, v in mem.items}},
+                   "pp_rank": mem.pp_rank, "items_gib": {k: round(v / GiB, 3) for k, v in mem.items},
+                   # bytes the trainer compares with what it allocates (memory.json)
+                   "static_per_pp_rank": [{k: int(e.get(k)) for k in STATIC}
+                                          for e in estimate_ranks(recipe, lay, profile.gpu.memory_gb, profile.device)]},
         "compute": {"flops_per_step": flops, "assumed_mfu": profile.gpu.assumed_mfu,
                     "est_step_seconds": round(step_s, 4), "est_tokens_per_day": int(tokens / step_s * 86400) if step_s else None},
         "warnings": [str(p) for p in pre.warnings],

@@ -164,6 +164,52 @@ class ModelConfig:
         attn = 6 * self.num_hidden_layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_length
         return 6.0 * active + attn
 
+    # ------------------------------------------------------------ tensor inventory
+    def layer_tensors(self, index: int) -> list["TensorSpec"]:
+        """The parameter tensors of decoder layer ``index`` (an MTP block's layer: index >= num_hidden_layers),
+        with the dimension tensor parallelism splits (Megatron's and the native trainer's TP plan alike)."""
+        h, H = self.hidden_size, self.num_attention_heads
+        t = []
+        if self.q_lora_rank:
+            t += [TensorSpec("self_attn.q_a_proj", (self.q_lora_rank, h)), TensorSpec("self_attn.q_a_layernorm", (self.q_lora_rank,)),
+                  TensorSpec("self_attn.q_b_proj", (H * self.qk_head_dim, self.q_lora_rank), 0)]
+        else:
+            t.append(TensorSpec("self_attn.q_proj", (H * self.qk_head_dim, h), 0))
+        t += [TensorSpec("self_attn.kv_a_proj_with_mqa", (self.kv_lora_rank + self.qk_rope_head_dim, h)),
+              TensorSpec("self_attn.kv_a_layernorm", (self.kv_lora_rank,)),
+              TensorSpec("self_attn.kv_b_proj", (H * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank), 0),
+              TensorSpec("self_attn.o_proj", (h, H * self.v_head_dim), 1),
+              TensorSpec("input_layernorm", (h,)), TensorSpec("post_attention_layernorm", (h,))]
+        if self.is_moe_layer(index):
+            E, F = self.n_routed_experts, self.moe_intermediate_size
+            t += [TensorSpec("mlp.gate", (E, h)),
+                  TensorSpec("mlp.experts.gate_proj", (E, F, h), 1, expert=True),
+                  TensorSpec("mlp.experts.up_proj", (E, F, h), 1, expert=True),
+                  TensorSpec("mlp.experts.down_proj", (E, h, F), 2, expert=True)]
+            inter, prefix = self.n_shared_experts * F, "mlp.shared_experts"
+        else:
+            inter, prefix = self.intermediate_size, "mlp"
+        if inter:
+            t += [TensorSpec(f"{prefix}.gate_proj", (inter, h), 0), TensorSpec(f"{prefix}.up_proj", (inter, h), 0),
+                  TensorSpec(f"{prefix}.down_proj", (h, inter), 1)]
+        return t
+
+    def mtp_block_tensors(self, eh_proj_tp: bool) -> list["TensorSpec"]:
+        """One multi-token-prediction block (embedding and head are the main model's). The native
+        trainer splits eh_proj over TP only with sequence parallelism."""
+        h = self.hidden_size
+        return [TensorSpec("enorm", (h,)), TensorSpec("hnorm", (h,)), TensorSpec("eh_proj", (h, 2 * h), 0 if eh_proj_tp else None),
+                *self.layer_tensors(self.num_hidden_layers), TensorSpec("shared_head.norm", (h,))]
+
+    def embedding_tensor(self, vocab_parallel: bool) -> "TensorSpec":
+        return TensorSpec("embed_tokens", (self.vocab_size, self.hidden_size), 0 if vocab_parallel else None)
+
+    def head_tensors(self, vocab_parallel: bool) -> list["TensorSpec"]:
+        t = [TensorSpec("norm", (self.hidden_size,))]
+        if not self.tie_word_embeddings:
+            t.append(TensorSpec("lm_head", (self.vocab_size, self.hidden_size), 0 if vocab_parallel else None))
+        return t
+
     # ------------------------------------------------------------------- YaRN
     def softmax_scale(self) -> float:
         scale = self.qk_head_dim**-0.5
@@ -195,3 +241,23 @@ class ParamSplit:
 
     def __add__(self, other: "ParamSplit") -> "ParamSplit":
         return ParamSplit(self.dense + other.dense, self.experts + other.experts)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter tensor: its name in the model (without ``.weight``), full shape, and how it is split.
+
+    ``tp_dim``: the dimension tensor parallelism splits (None: replicated over TP). ``expert``: routed
+    experts, whose dim 0 (the expert index) expert parallelism splits."""
+
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: Optional[int] = None
+    expert: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n

@@ -106,7 +106,7 @@ def test_parallel_layout_equals_single_process(env, reference, name, procs, over
 
 
 def test_lora_trains_adapters_only_on_any_layout(env):
-    lora = ["peft.method=lora", "peft.targets=[q_a_proj,q_b_proj,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]", "train.lr=1e-2"]
+    lora = ["peft.method=lora", "peft.targets=[q_a_proj,q_b_proj,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]", "train.lr=5e-3"]
     got = {}
     for name, procs, layout in (("dp1", 1, ["parallel.ep=1"]), ("ep2", 2, ["parallel.ep=2"]),
                                 ("tp2", 2, ["parallel.ep=1", "parallel.tp=2"])):  # adapters split like their base weights
@@ -243,3 +243,24 @@ def test_incompatible_resume_is_refused_before_training(env):
     script = run / "job.sh"
     out = subprocess.run(["bash", str(script)], cwd=ROOT, env=env[0], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "cannot resume" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("procs, overrides", [
+    (1, ["parallel.ep=1"]),
+    (2, ["parallel.ep=2"]),
+    (2, ["parallel.pp=2", "parallel.ep=1"]),
+    (2, ["parallel.ep=2", "peft.method=lora", "peft.rank=4"]),
+    (4, ["parallel.ep=4"]),
+    (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    (4, ["parallel.tp=2", "parallel.ep=1", "parallel.etp=2", "train.precision=fp32"]),
+    (4, ["parallel.pp=2", "parallel.ep=2", "peft.method=lora", "peft.rank=4", "peft.targets=[q_b_proj,o_proj,gate_proj,down_proj]"]),
+], ids=lambda v: str(v) if isinstance(v, int) else "-".join(o.split(".", 1)[1] for o in v))
+def test_planned_static_memory_equals_what_the_trainer_allocates(env, procs, overrides):
+    """The planner's weights/grads/optimizer bytes per pipeline rank == the fullest rank's actual allocation."""
+    run, _ = train(env, env[1] / f"mem-{procs}-{'-'.join(overrides)}", procs, "train.max_steps=1", *overrides)
+    report = json.loads((run / "memory.json").read_text())
+    assert len(report["ranks"]) == procs
+    for pp_rank, planned in enumerate(report["plan"]):
+        ranks = [r for r in report["ranks"] if r["pp_rank"] == pp_rank]
+        actual = {k: max(r[k] for r in ranks) for k in ("weights", "grads", "optimizer")}
+        assert actual == planned, (pp_rank, actual, planned)

@@ -34,7 +34,7 @@ from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
 from trainer.lora import apply_lora, init_lora
-from trainer.metrics import MetricsLogger, peak_memory_gib
+from trainer.metrics import MetricsLogger, peak_memory_gib, static_bytes
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
 from trainer.pipeline import PipelineRankModel, build_schedule, build_stages, shared_embedding_group, sync_shared_embedding
 from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
@@ -88,6 +88,22 @@ def _global_sum(values: list[float], group=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=group)
     return t.tolist()
+
+
+def _report_static_memory(run_dir: Path, plan: dict, model, optimizer, pp_rank: int, log) -> None:
+    """RUN_DIR/memory.json: each rank's bytes of weights, gradients and optimizer states, next to the
+    plan's estimate for its pipeline rank; one summary line for the fullest rank."""
+    mine = {"rank": dist.get_rank(), "pp_rank": pp_rank, **static_bytes(model, optimizer)}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() != 0:
+        return
+    planned = plan.get("memory", {}).get("static_per_pp_rank")
+    (run_dir / "memory.json").write_text(json.dumps({"ranks": everyone, "plan": planned}, indent=1) + "\n")
+    worst = max(everyone, key=lambda e: e["weights"] + e["grads"] + e["optimizer"])
+    est = planned[worst["pp_rank"]] if planned else None
+    parts = [f"{k} {worst[k] / 2**20:.2f} MiB" + (f" (plan {est[k] / 2**20:.2f})" if est else "") for k in ("weights", "grads", "optimizer")]
+    log.info(f"moe-launch: static memory of the fullest rank ({worst['rank']}): " + ", ".join(parts))
 
 
 def _ranks_per_node(nodes: list[str]) -> str:
@@ -222,6 +238,8 @@ def train(run_dir: Path) -> int:
         grad_norm = float(clip_grad_norm(model, train_cfg.grad_clip, meshes.pp_size,
                                          skip={model.embed_tokens.weight} if getattr(model, "embedding_copy", False) else ()))
         optimizer.step()
+        if step == start:  # the first step here: gradients and optimizer states now exist
+            _report_static_memory(run_dir, plan, model, optimizer, pp_rank, log)
         optimizer.zero_grad(set_to_none=True)
         imbalance = update_expert_bias(model, train_cfg.bias_update_rate, reduce)
         worst = torch.tensor(float(imbalance) if imbalance is not None else 0.0)

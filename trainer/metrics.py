@@ -18,6 +18,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (process peak RSS)
 
 
+def static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer states (local shards of DTensors):
+    what the planner's weights/grads/optimizer items estimate. Call after a step, before zero_grad."""
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    return {"weights": sum(local(p) for p in params),
+            "grads": sum(local(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(local(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))}
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, max_steps: int, enabled: bool):
         self.enabled = enabled

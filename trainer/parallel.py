@@ -187,7 +187,8 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, etp: int, sp: bool =
             experts = block.mlp.experts
             for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
                 full = getattr(experts, name)
-                setattr(experts, name, nn.Parameter(distribute_tensor(full.data, tp_mesh, [Shard(dim)], src_data_rank=None)))
+                setattr(experts, name, nn.Parameter(distribute_tensor(full.data, tp_mesh, [Shard(dim)], src_data_rank=None),
+                                                     requires_grad=full.requires_grad))  # LoRA: stay frozen
             block.mlp.expert_runner = TensorParallelExperts(experts, tp_mesh.get_group())
     if sp:
         apply_sequence_parallel(model, tp_mesh)
@@ -200,7 +201,8 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> None:
         experts = moe.experts
         for name in ("gate_proj", "up_proj", "down_proj"):
             full = getattr(experts, name)
-            setattr(experts, name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)], src_data_rank=None)))
+            setattr(experts, name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)], src_data_rank=None),
+                                                 requires_grad=full.requires_grad))  # LoRA: stay frozen
         experts.first_expert = ep_mesh.get_local_rank() * (moe.cfg.n_routed_experts // ep_mesh.size())
         if ep_mesh.size() > 1:
             moe.dispatcher = ExpertParallelDispatcher(ep_mesh.get_group(), moe.cfg.n_routed_experts)
