@@ -6,7 +6,8 @@ splits it (torch.chunk semantics for uneven splits; the fullest rank is reported
 - native (FSDP2, what ``trainer/`` runs): fp32 parameters, fp32 gradients and AdamW's two fp32 moments
   (plus a 4-byte step counter per tensor) are all sharded: dense tensors over DP on dim 0 after TP,
   routed experts over the expert-data-parallel group after EP/ETP. Embedding and output head are
-  replicated over TP. LoRA: gradients and optimizer states for the adapters only. Plus the copies FSDP
+  replicated over TP. LoRA: gradients and optimizer states for the adapters only, frozen weights in
+  bf16 when training in bf16. Plus the copies FSDP
   gathers (bf16 with mixed precision) for the layer in use and the next one, and the unsharded root.
 - nemo (Megatron's distributed optimizer): bf16 weights 2 + fp32 grads 4 bytes per model-parallel-local
   parameter, fp32 master/Adam m/Adam v 12 bytes sharded over DP x CP (dense) or EDP (experts);
@@ -205,7 +206,9 @@ def static_items(recipe, lay: Layout, r: int) -> list[tuple[str, float]]:
         frozen, trainable, groups = rank_tensors(recipe, lay, r, vocab_parallel=False)
         local_t = sum(fsdp_local(t, lay) for t in trainable)
         local_all = local_t + sum(fsdp_local(t, lay) for t in frozen)
-        items = [("weights", 4 * local_all), ("grads", 4 * local_t), ("optimizer", 8 * local_t + 4 * len(trainable))]
+        frozen_bytes = 2 if bf16 else 4  # LoRA: the trainer keeps frozen weights in bf16 (trainer.lora.freeze_in_bf16)
+        items = [("weights", 4 * local_t + frozen_bytes * (local_all - local_t)), ("grads", 4 * local_t),
+                 ("optimizer", 8 * local_t + 4 * len(trainable))]
         if lay.dp * lay.cp > 1 or lay.edp > 1:
             # FSDP gathers a layer's parameters for its forward and backward, one layer ahead, and
             # reduce-scatters its fp32 gradients; the root module (embedding, head) stays gathered.

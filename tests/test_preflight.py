@@ -40,11 +40,15 @@ def test_full_ft_refused_on_4_nodes_with_every_reason_and_suggestions():
 
 
 def test_lora_derives_pipeline_on_4_nodes():
+    # native (FSDP2): frozen bf16 weights are sharded over DP too, so no pipeline is needed
     p = pre("lora", "h100-8x4")
     assert p.ok, p.problems
-    assert (p.layout.tp, p.layout.sp, p.layout.ep, p.layout.etp) == (8, True, 1, 8)
-    assert p.layout.pp == 4 and "pp" in p.layout.derived  # PP1 and PP2 won't fit 671B weights
+    assert (p.layout.tp, p.layout.sp, p.layout.ep, p.layout.etp, p.layout.pp, p.layout.dp) == (8, True, 1, 8, 1, 4)
     assert p.memory.verdict == "fits"
+    # NeMo (Megatron): weights are replicated over DP, so 671B needs pipeline stages: PP4 is the fewest that fit
+    p = pre("lora", "h100-8x4", ["backend.name=nemo", "backend.container_image=nvcr.io/nvidia/nemo:25.09"])
+    assert p.ok, p.problems
+    assert p.layout.pp == 4 and "pp" in p.layout.derived and p.memory.verdict == "fits"
 
 
 def test_16b_full_ft_fits_4_nodes():

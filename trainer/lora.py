@@ -169,3 +169,14 @@ def merge_lora(model: nn.Module) -> list[str]:
         setattr(model.get_submodule(parent_name), attr, plain)
         merged.append(name)
     return merged
+
+
+def freeze_in_bf16(model: nn.Module) -> None:
+    """Store every frozen parameter in bf16 (call on the meta-device model, before parallelising).
+
+    Training computes in bf16 anyway (FSDP casts for forward and backward), so this changes no
+    number; it drops the fp32 copy nothing updates. Adapters stay fp32 (they are trained)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.requires_grad and p.dtype == torch.float32:
+                setattr(module, name, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))

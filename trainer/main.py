@@ -33,7 +33,7 @@ from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
-from trainer.lora import apply_lora, init_lora
+from trainer.lora import apply_lora, freeze_in_bf16, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib, static_bytes
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
 from trainer.pipeline import PipelineRankModel, build_schedule, build_stages, shared_embedding_group, sync_shared_embedding
@@ -150,6 +150,8 @@ def train(run_dir: Path) -> int:
     model = build_model(recipe.model, device="meta", mtp_loss_weight=train_cfg.mtp_loss_weight)
     if recipe.peft.method == "lora":
         apply_lora(model, recipe.peft, seed=train_cfg.seed)  # adapters on meta too; initialised after loading
+        if train_cfg.precision == "bf16":
+            freeze_in_bf16(model)  # frozen base weights need no fp32 master copy: half their memory
     meshes = set_parallel(model, device.type, layout)
     pp, pp_rank = layout["pp"], meshes.pp.get_local_rank()
     if pp > 1:
