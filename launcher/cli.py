@@ -2,6 +2,7 @@
 
   launch RECIPE --cluster NAME [key=value ...] [--dry-run] [--runs-dir DIR] [--ignore-memory] [--sweep key=v1,v2]
   launch PIPELINE --cluster NAME [key=value ...]   stages as dependent jobs (a file defining pipeline())
+  launch plan RECIPE --cluster NAME [--search] [--nodes N]   memory, FLOPs, layouts, fewest nodes
   launch clusters        list cluster profiles on the search path
   launch recipes         list shipped recipes
   launch status [RUN]    job state (squeue/scontrol, then sacct, then sacct -c)
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch",
         description="Check a recipe against a cluster, render its job and submit it.",
-        epilog="Other commands: `launch clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
+        epilog="Other commands: `launch plan|clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
                "e.g. train.max_steps=100 parallel.tp=4 model=deepseek-v2-lite.",
     )
     p.add_argument("recipe", help="recipe or pipeline file (recipes/full_ft.py, file.py:function) or shipped name")
@@ -125,6 +126,62 @@ def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
     return submission.run_locally(runs, is_pipeline)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    """``launch plan``: memory by pipeline rank, FLOPs and time; ``--search``: ranked layouts and the fewest nodes.
+    Exit 0 when the recipe's layout is valid and fits, 1 when it is not (the answer), 2 for bad input."""
+    import dataclasses
+
+    from launcher import search
+    from launcher.plan import compute_lines, memory_table, plan_dict, search_lines, summary
+    from launcher.preflight import run_preflight
+    from launcher.suggest import min_nodes
+
+    p = argparse.ArgumentParser(prog="launch plan", description="Memory, FLOPs and layouts of a recipe on a cluster, before queueing.")
+    p.add_argument("recipe", help="recipe file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.add_argument("--cluster", "-c", required=True, help="cluster profile name or path")
+    p.add_argument("--nodes", type=int, help="plan for this many nodes of the profile's kind")
+    p.add_argument("--search", action="store_true", help="rank every valid layout and find the fewest nodes that fit")
+    p.add_argument("--max-nodes", type=int, default=1024, help="node budget of the fewest-nodes search (default 1024)")
+    p.add_argument("--top", type=int, default=10, help="layouts to show with --search (default 10)")
+    args = p.parse_intermixed_args(argv)
+    profile, _ = cluster.load_profile(args.cluster)
+    if args.nodes is not None:
+        if args.nodes < 1:
+            raise UserError(f"must be >= 1, got {args.nodes}", "--nodes")
+        profile = dataclasses.replace(profile, nodes=args.nodes)
+    recipe, recipe_path = recipe_loader.load_recipe(args.recipe)
+    recipe = recipe_loader.apply_overrides(recipe, args.overrides)
+    pre = run_preflight(recipe, profile)
+    if pre.layout is not None and pre.memory is not None:
+        for line in summary(recipe, args.recipe, profile, pre, plan_dict(recipe, profile, pre)):
+            print(line)
+        for line in memory_table(recipe, profile, pre.memory_layout or pre.layout) + compute_lines(recipe, profile, pre.layout):
+            print(line)
+    for prob in pre.errors:
+        print(f"error    {prob}")
+    ok = pre.ok
+    if args.search:
+        for line in search_lines(search.layouts(recipe, profile), profile, args.top):
+            print(line)
+    if args.search or not ok:
+        found = search.fewest_nodes(recipe, profile, args.max_nodes)
+        if found:
+            n, c = found
+            lay = c.layout
+            print(f"fewest nodes that fit: {n} x {profile.gpus_per_node} {profile.gpu.type} with TP{lay.tp} PP{lay.pp} EP{lay.ep} "
+                  f"ETP{lay.etp} CP{lay.cp} DP{lay.dp}{' SP' if lay.sp else ''}, {c.recompute} recompute "
+                  f"({c.pre.memory.summary()})")
+        else:
+            print(f"fewest nodes that fit: none up to {args.max_nodes} nodes of {profile.gpus_per_node} {profile.gpu.type}")
+        if any(getattr(recipe.parallel, k) is not None for k in ("tp", "pp", "ep")):
+            own = min_nodes(recipe, profile)
+            par = recipe.parallel
+            fixed = " ".join(f"{k.upper()}{getattr(par, k)}" for k in ("tp", "pp", "ep", "etp", "cp") if getattr(par, k) is not None)
+            print(f"with the recipe's own {fixed}: " + (f"{own} nodes" if own else "no node count up to 1024 fits"))
+    return 0 if ok else 1
+
+
 def _follow_parser(name: str, help_run: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"launch {name}")
     p.add_argument("run", nargs="?", help=help_run)
@@ -222,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_clusters()
         if argv[:1] == ["recipes"]:
             return cmd_recipes()
+        if argv[:1] == ["plan"]:
+            return cmd_plan(argv[1:])
         if argv[:1] and argv[0] in ("status", "logs", "cancel", "list"):
             return cmd_follow(argv[0], argv[1:])
         args = _parser().parse_intermixed_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ def split_layers(num_layers: int, stages: int) -> list[int]:
     return counts
 
 
-def rank_layers(num_layers: int, pp: int, vpp: int) -> list[list[int]]:
+@lru_cache(maxsize=4096)
+def rank_layers(num_layers: int, pp: int, vpp: int) -> tuple[tuple[int, ...], ...]:
     """Decoder layer indices held by each pipeline rank; virtual stage k runs on rank k % pp."""
     counts = split_layers(num_layers, pp * vpp)
     ranks: list[list[int]] = [[] for _ in range(pp)]
@@ -61,4 +63,4 @@ def rank_layers(num_layers: int, pp: int, vpp: int) -> list[list[int]]:
     for k, n in enumerate(counts):
         ranks[k % pp].extend(range(start, start + n))
         start += n
-    return ranks
+    return tuple(tuple(r) for r in ranks)  # cached: immutable

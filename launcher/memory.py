@@ -168,60 +168,84 @@ def lora_tensors(t: TensorSpec, rank: int) -> list[TensorSpec]:
             TensorSpec(t.name + ".lora_B", (out_f, rank), 0 if t.tp_dim == 0 else None)]
 
 
-def rank_tensors(recipe, lay: Layout, r: int, vocab_parallel: bool) -> tuple[list[TensorSpec], list[TensorSpec], list[list[TensorSpec]]]:
-    """(frozen, trainable, FSDP groups) of the parameter tensors pipeline rank ``r`` holds; the last group is the root."""
+def _group_key(recipe) -> tuple:
+    m, peft = recipe.model, recipe.peft
+    return (repr(m), peft.method, tuple(peft.targets), peft.rank, recipe.train.precision, recipe.backend.name)
+
+
+def _group_tensors(recipe, kind: str, lay: Layout) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(frozen, trainable) tensors of one FSDP group kind: dense / moe layer, mtp block, embed, head."""
     m, peft = recipe.model, recipe.peft
     lora = peft.method == "lora"
+    vocab_parallel = recipe.backend.name != "native"  # Megatron splits embedding and head over TP; the native trainer does not
+    if kind in ("dense", "moe"):
+        index = m.first_k_dense_replace if kind == "moe" else 0
+        tensors = m.layer_tensors(index)
+        adapters = [a for t in tensors if lora and t.name.rsplit(".", 1)[-1] in peft.targets and len(t.shape) == 2
+                    and not t.expert and t.name != "mlp.gate" for a in lora_tensors(t, peft.rank)]
+        return (tensors, adapters) if lora else ([], tensors)
+    tensors = {"mtp": lambda: m.mtp_block_tensors(eh_proj_tp=lay.sp), "embed": lambda: [m.embedding_tensor(vocab_parallel)],
+               "head": lambda: m.head_tensors(vocab_parallel)}[kind]()
+    return (tensors, []) if lora else ([], tensors)  # LoRA adapts the decoder layers only
+
+
+_GROUP_CACHE: dict[tuple, tuple] = {}
+
+
+def _group_static(recipe, kind: str, lay: Layout, rkey: tuple) -> tuple:
+    """Per-group sums, memoised (a search evaluates thousands of layouts of one model):
+    (frozen FSDP-local, trainable FSDP-local, trainable tensors, unsharded model-parallel-local,
+     frozen model-parallel-local, trainable dense model-parallel-local, trainable expert model-parallel-local)."""
+    dp = lay.dp * lay.cp
+    key = (rkey, kind, lay.tp, lay.ep, lay.etp, lay.sp, dp, lay.edp)
+    hit = _GROUP_CACHE.get(key)
+    if hit is None:
+        frozen, trainable = _group_tensors(recipe, kind, lay)
+        mp = lambda ts: sum(_numel(model_parallel_shape(t, lay)) for t in ts)  # noqa: E731
+        hit = (sum(fsdp_local(t, lay) for t in frozen), sum(fsdp_local(t, lay) for t in trainable), len(trainable),
+               mp(frozen) + mp(trainable), mp(frozen), mp([t for t in trainable if not t.expert]), mp([t for t in trainable if t.expert]))
+        if len(_GROUP_CACHE) > 100_000:
+            _GROUP_CACHE.clear()
+        _GROUP_CACHE[key] = hit
+    return hit
+
+
+def rank_groups(recipe, lay: Layout, r: int) -> dict[str, int]:
+    """How many FSDP groups of each kind pipeline rank ``r`` holds (decoder layers, MTP blocks, root parts)."""
+    m = recipe.model
     last = (lay.pp * lay.vpp - 1) % lay.pp
     uses_mtp = m.num_nextn_predict_layers > 0 and (lay.pp == 1 or recipe.train.mtp_loss_weight > 0)
-    frozen: list[TensorSpec] = []
-    trainable: list[TensorSpec] = []
-    groups: list[list[TensorSpec]] = []
-    for i in rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)[r]:
-        layer = m.layer_tensors(i)
-        groups.append(layer)
-        (frozen if lora else trainable).extend(layer)
-        if lora:  # adapters on the targeted linears of the decoder layers (trainer/lora.py)
-            for t in layer:
-                if t.name.rsplit(".", 1)[-1] in peft.targets and len(t.shape) == 2 and not t.expert and t.name != "mlp.gate":
-                    trainable += lora_tensors(t, peft.rank)
-    root = []
-    if r == 0 or (r == last and uses_mtp and lay.pp > 1):  # the last stage keeps a copy of the embedding for MTP
-        root.append(m.embedding_tensor(vocab_parallel))
-    if r == last:
-        root += m.head_tensors(vocab_parallel)
-        if uses_mtp:
-            for _ in range(m.num_nextn_predict_layers):
-                block = m.mtp_block_tensors(eh_proj_tp=lay.sp)
-                groups.append(block)
-                (frozen if lora else trainable).extend(block)
-    (frozen if lora else trainable).extend(root)
-    return frozen, trainable, groups + [root]
+    layers = rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)[r]
+    moe = sum(1 for i in layers if i >= m.first_k_dense_replace) if m.n_routed_experts else 0
+    return {"dense": len(layers) - moe, "moe": moe,
+            "mtp": m.num_nextn_predict_layers if r == last and uses_mtp else 0,
+            # the last stage keeps a copy of the embedding for MTP
+            "embed": 1 if r == 0 or (r == last and uses_mtp and lay.pp > 1) else 0,
+            "head": 1 if r == last else 0}
 
 
-def static_items(recipe, lay: Layout, r: int) -> list[tuple[str, float]]:
+def static_items(recipe, lay: Layout, r: int, rkey: tuple | None = None) -> list[tuple[str, float]]:
     """Weights, gradients and optimizer states of pipeline rank ``r`` (its fullest DP/TP rank), in bytes."""
     bf16 = recipe.train.precision == "bf16"
+    rkey = rkey or _group_key(recipe)
+    counts = {k: n for k, n in rank_groups(recipe, lay, r).items() if n}
+    g = {k: _group_static(recipe, k, lay, rkey) for k in counts}
+    total = lambda i, kinds=None: sum(counts[k] * g[k][i] for k in counts if kinds is None or k in kinds)  # noqa: E731
     if recipe.backend.name == "native":
-        frozen, trainable, groups = rank_tensors(recipe, lay, r, vocab_parallel=False)
-        local_t = sum(fsdp_local(t, lay) for t in trainable)
-        local_all = local_t + sum(fsdp_local(t, lay) for t in frozen)
         frozen_bytes = 2 if bf16 else 4  # LoRA: the trainer keeps frozen weights in bf16 (trainer.lora.freeze_in_bf16)
-        items = [("weights", 4 * local_t + frozen_bytes * (local_all - local_t)), ("grads", 4 * local_t),
-                 ("optimizer", 8 * local_t + 4 * len(trainable))]
+        local_t = total(1)
+        items = [("weights", 4 * local_t + frozen_bytes * total(0)), ("grads", 4 * local_t),
+                 ("optimizer", 8 * local_t + 4 * total(2))]
         if lay.dp * lay.cp > 1 or lay.edp > 1:
             # FSDP gathers a layer's parameters for its forward and backward, one layer ahead, and
             # reduce-scatters its fp32 gradients; the root module (embedding, head) stays gathered.
-            per_layer = [sum(_numel(model_parallel_shape(t, lay)) for t in g) for g in groups[:-1]] or [0]
-            root = sum(_numel(model_parallel_shape(t, lay)) for t in groups[-1])
-            items.append(("fsdp gather buffers", (2 if bf16 else 4) * (2 * max(per_layer) + root) + 4 * max(per_layer)))
+            biggest = max([g[k][3] for k in ("dense", "moe", "mtp") if k in counts] or [0])
+            root = total(3, ("embed", "head"))
+            items.append(("fsdp gather buffers", (2 if bf16 else 4) * (2 * biggest + root) + 4 * biggest))
         return items
-    frozen, trainable, _ = rank_tensors(recipe, lay, r, vocab_parallel=True)
     w, opt = (2, 12) if bf16 else (4, 8)
-    dense_t = sum(_numel(model_parallel_shape(t, lay)) for t in trainable if not t.expert)
-    exp_t = sum(_numel(model_parallel_shape(t, lay)) for t in trainable if t.expert)
-    frozen_n = sum(_numel(model_parallel_shape(t, lay)) for t in frozen)
-    return [("weights", w * (frozen_n + dense_t + exp_t)), ("grads", 4 * (dense_t + exp_t)),
+    dense_t, exp_t = total(5), total(6)
+    return [("weights", w * (total(4) + dense_t + exp_t)), ("grads", 4 * (dense_t + exp_t)),
             ("optimizer", opt * dense_t / (lay.dp * lay.cp) + opt * exp_t / lay.edp)]
 
 
@@ -231,14 +255,19 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
     micro = max(train.global_batch_size // max(train.micro_batch_size * lay.dp, 1), 1)
     tokens = train.micro_batch_size * recipe.data.seq_length / lay.cp
     last = (lay.pp * lay.vpp - 1) % lay.pp
+    rkey = _group_key(recipe)
+    per_layer = {kind: _activation_elems_per_token(m, m.first_k_dense_replace if kind == "moe" else 0, lay, par.recompute)
+                 for kind in ("dense", "moe")}
+    static_memo: dict[tuple, list] = {}  # ranks holding the same groups hold the same static bytes
     out = []
     for r, layers in enumerate(rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)):
-        items = static_items(recipe, lay, r)
-        dense_act = routed_act = 0.0
-        for i in layers:
-            d, e = _activation_elems_per_token(m, i, lay, par.recompute)
-            dense_act += d
-            routed_act += e
+        counts = rank_groups(recipe, lay, r)
+        key = tuple(counts.values())
+        if key not in static_memo:
+            static_memo[key] = static_items(recipe, lay, r, rkey)
+        items = list(static_memo[key])
+        dense_act = per_layer["dense"][0] * counts["dense"] + per_layer["moe"][0] * counts["moe"]
+        routed_act = per_layer["moe"][1] * counts["moe"]
         if par.recompute == "full" and layers:  # plus one layer's full working set during its recompute
             d, e = _activation_elems_per_token(m, layers[-1], lay, "none")
             dense_act, routed_act = dense_act + d, routed_act + e

@@ -74,3 +74,50 @@ def summary(recipe: Recipe, recipe_file: str, profile: ClusterProfile, pre: Pref
     ]
     lines += [f"warning  {w}" for w in plan["warnings"]]
     return lines
+
+
+# ----------------------------------------------------------------------------- `launch plan`
+SHORT = {"weights": "weights", "grads": "grads", "optimizer": "optim", "fsdp gather buffers": "fsdp",
+         "activations": "activ", "routing imbalance margin": "imbal", "logits": "logits", "comm buffers": "comm",
+         "cuda context": "cuda"}
+
+
+def memory_table(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
+    """Per pipeline rank: its layers and every memory item, GiB (MiB on a CPU profile)."""
+    from launcher.memory import estimate_ranks
+
+    ests = estimate_ranks(recipe, lay, profile.gpu.memory_gb, profile.device)
+    labels = [k for k in SHORT if any(e.get(k) for e in ests)]
+    unit, div = ("GiB", GiB) if profile.device == "cuda" else ("MiB", 1024**2)
+    fullest = max(ests, key=lambda e: e.total).pp_rank
+    rows = [["rank", "layers", *[SHORT[k] for k in labels], "total", "verdict"]]
+    for e, layers in zip(ests, rank_layers(recipe.model.num_hidden_layers, lay.pp, lay.vpp)):
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 and layers[-1] - layers[0] == len(layers) - 1 else ",".join(map(str, layers)) or "-"
+        rows.append([f"{e.pp_rank}{'*' if e.pp_rank == fullest else ''}", span, *[f"{e.get(k) / div:.2f}" for k in labels],
+                     f"{e.total / div:.2f}", e.verdict])
+    head = f"memory per {'GPU' if profile.device == 'cuda' else 'process'} by pipeline rank ({unit}; capacity {profile.gpu.memory_gb:g} GiB; * the fullest):"
+    return [head, *("  " + line for line in format_table(rows))]
+
+
+def compute_lines(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
+    m, t = recipe.model, recipe.train
+    seq = recipe.data.seq_length
+    terms = m.train_flops_terms(seq)
+    tokens = t.global_batch_size * seq
+    per_token = sum(terms.values())
+    step = per_token * tokens / (lay.world * profile.gpu.peak_tflops * 1e12 * profile.gpu.assumed_mfu)
+    return [f"compute  {per_token / 1e9:.1f} GFLOP per token (dense {terms['dense'] / 1e9:.1f}, attention {terms['attention'] / 1e9:.1f}, "
+            f"routed experts {terms['experts'] / 1e9:.1f}) x {tokens:,} tokens = {per_token * tokens / 1e15:.3g} PFLOP per step",
+            f"         ~{step:.3g} s/step at {profile.gpu.assumed_mfu:.0%} MFU on {lay.world} {'GPUs' if profile.device == 'cuda' else 'processes'} "
+            f"({profile.gpu.peak_tflops:g} TFLOPS peak each), ~{_si(tokens / step * 86400) if step else '?'} tokens/day"]
+
+
+def search_lines(candidates, profile: ClusterProfile, top: int) -> list[str]:
+    rows = [["TP", "PP", "VPP", "EP", "ETP", "CP", "DP", "SP", "recompute", "GiB/GPU", "verdict", "s/step", "crosses nodes"]]
+    for c in candidates[:top]:
+        lay = c.layout
+        rows.append([str(lay.tp), str(lay.pp), str(lay.vpp), str(lay.ep), str(lay.etp), str(lay.cp), str(lay.dp),
+                     "yes" if lay.sp else "no", c.recompute, f"{c.pre.memory.total / GiB:.1f}", c.pre.memory.verdict,
+                     f"{c.step_seconds:.3g}", ",".join(c.cross_node) or "-"])
+    head = f"layouts on {profile.describe()}, best first ({min(top, len(candidates))} of {len(candidates)} valid):"
+    return [head, *("  " + line for line in format_table(rows))] if candidates else [f"no valid layout fits {profile.describe()}"]

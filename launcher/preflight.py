@@ -9,6 +9,7 @@ parallelism, fewest pipeline stages, largest EP inside a node).
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 import os
 from dataclasses import dataclass, field
 
@@ -22,8 +23,13 @@ from launcher.recipe import Recipe, fingerprint
 from launcher.recipe_loader import validate_fields
 
 
+@lru_cache(maxsize=4096)
+def _divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    return list(_divisors(n))
 
 
 def _fmt(values) -> str:
@@ -36,6 +42,7 @@ class Preflight:
     layout: Layout | None
     problems: list[Problem] = field(default_factory=list)
     memory: memory.MemoryEstimate | None = None
+    memory_layout: Layout | None = None  # what memory was estimated on (an EP the stage cannot hold is capped)
 
     @property
     def errors(self) -> list[Problem]:
@@ -134,6 +141,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         fit_ep = ep if (world // pp) % (ep * etp) == 0 else max([d for d in divisors(ep) if (world // pp) % (d * etp) == 0] or [1])
         est_lay = Layout(tp, pp, vpp, cp, fit_ep, etp, dp, par.sp, profile.nodes, gpn)
         pre.memory = memory.estimate(recipe, est_lay, profile.gpu.memory_gb, profile.device)
+        pre.memory_layout = est_lay
         if memory_check and pre.memory.verdict == "won't fit":
             note = f" with EP={fit_ep}, the most this layout can hold" if fit_ep != ep else ""
             pre.problems.insert(len(errs), Problem("error", "memory", pre.memory.summary() + note))

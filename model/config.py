@@ -158,11 +158,17 @@ class ModelConfig:
         return self.num_params(include_mtp) - moe_layers * unused
 
     # ------------------------------------------------------------------- FLOPs
-    def train_flops_per_token(self, seq_length: int) -> float:
-        """Training FLOPs per token: 6 x active non-embedding params + causal attention (TorchTitan's count)."""
+    def train_flops_terms(self, seq_length: int) -> dict[str, float]:
+        """Training FLOPs per token by kind: 6 x the active non-embedding parameters, split into routed
+        experts (top-k of them) and the rest, plus causal attention scores (TorchTitan's count)."""
         active = self.num_active_params() - self.embedding_params()
-        attn = 6 * self.num_hidden_layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_length
-        return 6.0 * active + attn
+        experts = 6.0 * self.num_moe_layers * self.num_experts_per_tok * self.expert_params()
+        attn = 6.0 * self.num_hidden_layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_length
+        return {"dense": 6.0 * active - experts, "attention": attn, "experts": experts}
+
+    def train_flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token (the sum of :meth:`train_flops_terms`)."""
+        return sum(self.train_flops_terms(seq_length).values())
 
     # ------------------------------------------------------------ tensor inventory
     def layer_tensors(self, index: int) -> list["TensorSpec"]:

@@ -1,0 +1,100 @@
+"""The planner: memory per pipeline rank, FLOPs, the layout search and the fewest nodes (torch-free).
+
+The byte-exact check of weights/grads/optimizer against what the trainer allocates is in
+tests/test_trainer.py (test_planned_static_memory_equals_what_the_trainer_allocates)."""
+
+import dataclasses
+
+import pytest
+
+from conftest import run_launch
+from launcher import search
+from launcher.cluster import load_profile
+from launcher.preflight import run_preflight
+from launcher.recipe_loader import apply_overrides, load_recipe
+
+NEMO = ["backend.name=nemo", "backend.container_image=nvcr.io/nvidia/nemo:25.09"]
+NATIVE = ["backend.name=native", "backend.container_image=null"]
+
+
+def plan(recipe, nodes, overrides=(), cluster="h100-8x64"):
+    r = apply_overrides(load_recipe(recipe)[0], list(overrides))
+    prof = dataclasses.replace(load_profile(cluster)[0], nodes=nodes)
+    return run_preflight(r, prof)
+
+
+@pytest.mark.parametrize("backend", [NEMO, NATIVE], ids=["nemo", "native"])
+@pytest.mark.parametrize("name, recipe, nodes, overrides, dims", [
+    ("pretrain 128x8 TP2 PP16 EP64 SP", "pretrain_671b", 128, [], (2, 16, 64, 1, True)),
+    ("full SFT 64x8 TP1 PP8 EP64", "full_ft", 64, [], (1, 8, 64, 1, False)),
+    ("LoRA 5x8 TP8 PP5 SP", "lora", 5, ["parallel.pp=5"], (8, 5, 1, 8, True)),
+])
+def test_nvidia_published_layouts_fit_on_h100_80gb(name, recipe, nodes, overrides, dims, backend):
+    p = plan(recipe, nodes, [*overrides, *backend])
+    assert p.ok, [str(x) for x in p.errors]
+    lay = p.layout
+    assert (lay.tp, lay.pp, lay.ep, lay.etp, lay.sp) == dims
+    assert p.memory.verdict == "fits", p.memory.summary()
+
+
+def test_full_sft_on_4_nodes_wont_fit_and_plan_names_the_minimum():
+    p = plan("full_ft", 4, cluster="h100-8x4")
+    assert not p.ok and p.memory.verdict == "won't fit"
+    res = run_launch("plan", "recipes/full_ft.py", "--cluster", "h100-8x4")
+    assert res.returncode == 1, res.stderr
+    out = res.stdout
+    assert "won't fit" in out and "memory per GPU by pipeline rank" in out
+    assert "with the recipe's own TP1 PP8 EP64 ETP1: 64 nodes" in out
+    fewest = int(out.split("fewest nodes that fit: ")[1].split()[0])
+    assert 4 < fewest <= 64
+
+
+def test_plan_table_has_every_rank_and_the_flops_split():
+    res = run_launch("plan", "recipes/pretrain_671b.py", "--cluster", "h100-8x64", "--nodes", "128")
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = res.stdout.split("memory per GPU by pipeline rank")[1].split("compute")[0].strip().splitlines()[2:]
+    assert len(table) == 16 and sum("*" in row.split()[0] for row in table) == 1
+    assert "dense" in res.stdout and "attention" in res.stdout and "routed experts" in res.stdout
+    assert "tokens/day" in res.stdout
+
+
+def test_search_ranks_fitting_node_local_layouts_first():
+    res = run_launch("plan", "recipes/full_ft.py", "--cluster", "h100-8x64", "--search", "--top", "5")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = res.stdout.split("best first")[1].splitlines()[2:7]
+    assert rows and all(" fits " in row and row.rstrip().endswith("-") for row in rows), rows
+    assert "fewest nodes that fit: " in res.stdout
+
+
+def test_search_orders_by_fit_then_locality():
+    r = load_recipe("full_ft_16b")[0]
+    cands = search.layouts(r, load_profile("h100-8x4")[0])
+    keys = [c.rank_key() for c in cands]
+    assert keys == sorted(keys) and cands
+    assert all(c.pre.ok for c in cands)
+    first_cross = next((i for i, c in enumerate(cands) if c.cross_node), len(cands))
+    assert all(not c.cross_node for c in cands[:first_cross])
+
+
+@pytest.mark.parametrize("recipe, overrides", [("full_ft_16b", []), ("lora", []), ("full_ft_16b", NEMO)])
+def test_fewest_nodes_equals_brute_force(recipe, overrides):
+    r = apply_overrides(load_recipe(recipe)[0], overrides)
+    prof = load_profile("h100-8x4")[0]
+    found = search.fewest_nodes(r, prof, 64)
+    assert found is not None
+    n = next(n for n in range(1, 65)
+             if any(c.pre.memory.verdict == "fits" for c in search.layouts(r, dataclasses.replace(prof, nodes=n))))
+    assert found[0] == n
+
+
+def test_won_t_fit_is_refused_by_launch_unless_ignored(tmp_path):
+    res = run_launch("recipes/full_ft.py", "--cluster", "h100-8x4", "parallel.ep=4", "--dry-run", "--runs-dir", str(tmp_path))
+    assert res.returncode == 2 and "won't fit" in res.stderr
+    res = run_launch("recipes/full_ft.py", "--cluster", "h100-8x4", "parallel.ep=4", "--dry-run", "--ignore-memory",
+                     "--runs-dir", str(tmp_path))
+    assert res.returncode == 0 and "won't fit" in res.stderr  # the verdict still shows in the summary
+
+
+def test_plan_bad_input_is_one_line_exit_2():
+    res = run_launch("plan", "recipes/full_ft.py", "--cluster", "h100-8x4", "--nodes", "0")
+    assert res.returncode == 2 and res.stderr.strip() == "launch: error: --nodes: must be >= 1, got 0"
