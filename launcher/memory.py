@@ -92,23 +92,31 @@ def lora_params(m: ModelConfig, layers: list[int], targets: list[str], rank: int
 
 
 def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompute: str) -> tuple[float, float]:
-    """(dense part, MoE routed part) of the bf16 elements one layer keeps per token."""
+    """(dense part, MoE routed part) of the elements one layer keeps for backward per token, counted from
+    what the model saves (tests/test_planner.py measures it with saved-tensor hooks): each RMSNorm keeps
+    its input and normalised output and the next linear its weighted input; MLA its low-rank paths
+    (replicated over TP), the kv_b output, and q, k, v (v padded to the q/k head size for flash
+    attention) and the attention output; a SwiGLU its two projections, the activation and the product;
+    routed experts their dispatched input and output (and the weighted output), per chosen expert; the
+    router its fp32 scores. ``selective`` recomputes the attention block (the trainer checkpoints
+    self_attn), ``full`` the whole layer (only its input is kept)."""
     t = lay.tp
     tsp = t if lay.sp else 1
     h, H = m.hidden_size, m.num_attention_heads
     if recompute == "full":  # only the layer input is kept; the layer is recomputed in backward
         return h / tsp, 0.0
-    # MLA: low-rank paths are replicated over TP, per-head tensors are split.
-    low_rank = 2 * (m.q_lora_rank or 0) + 2 * m.kv_lora_rank + 2 * m.qk_rope_head_dim
-    heads = H * (m.qk_nope_head_dim + m.v_head_dim) / t  # kv_b output
-    core = (2 * H * m.qk_head_dim + 2 * H * m.v_head_dim) / t  # q, k, v, attention output
-    attn = 3 * h / tsp + low_rank + heads + (0 if recompute == "selective" else core)
-    act = 1 if recompute != "selective" else 0  # SwiGLU activation output, recomputed when selective
+    if recompute == "selective":
+        attn = h / tsp  # the attention block's input; its insides are recomputed
+    else:
+        low_rank = (3 * m.q_lora_rank if m.q_lora_rank else 0) + (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * m.kv_lora_rank
+        attn = 3 * h / tsp + low_rank + H * (m.qk_nope_head_dim + m.v_head_dim) / t + 4 * H * m.qk_head_dim / t
+    mlp_in = 3 * h / tsp  # post-attention norm: input, normalised, weighted
     if m.is_moe_layer(layer):
-        shared = (2 + act) * m.n_shared_experts * m.moe_intermediate_size / t
-        routed = m.num_experts_per_tok * (2 * h + (2 + act) * m.moe_intermediate_size / lay.etp) / tsp
-        return attn + 2 * h / tsp + shared, routed
-    return attn + 2 * h / tsp + (2 + act) * m.intermediate_size / t, 0.0
+        shared = 4 * m.n_shared_experts * m.moe_intermediate_size / t
+        router = 2 * (2 * m.n_routed_experts + 4 * m.num_experts_per_tok)  # fp32 scores, choices: 2 bf16 elements each
+        routed = m.num_experts_per_tok * (3 * h + 4 * m.moe_intermediate_size / lay.etp) / tsp
+        return attn + mlp_in + shared + router / tsp, routed
+    return attn + mlp_in + 4 * m.intermediate_size / t, 0.0
 
 
 def in_flight(schedule: str, pp: int, vpp: int, rank: int, microbatches: int) -> float:
