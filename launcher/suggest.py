@@ -31,6 +31,13 @@ def suggestions(recipe: Recipe, recipe_path: Path, profile: ClusterProfile) -> l
     n = min_nodes(recipe, profile)
     if n and n != profile.nodes:
         out.append(f"this recipe needs at least {n} nodes x {profile.gpus_per_node} {profile.gpu.type} ({n * profile.gpus_per_node} GPUs)")
+    from launcher.search import fewest_nodes
+
+    found = fewest_nodes(recipe, profile)
+    if found and (n is None or found[0] < n) and found[0] > profile.nodes:
+        lay = found[1].layout
+        out.append(f"with another layout it fits on {found[0]} nodes: parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.ep={lay.ep} "
+                   f"parallel.etp={lay.etp} parallel.recompute={found[1].recompute} (launch plan --search lists them all)")
     for name in cluster.available():
         if name == profile.name:
             continue

@@ -62,6 +62,7 @@ def test_submit_side_never_imports_torch(tmp_path):
         from launcher.cli import main
         rc = main(["recipes/full_ft.py", "--cluster", "h100-8x64", "--dry-run", "--runs-dir", {str(tmp_path)!r}])
         rc2 = main(["recipes/full_ft.py", "--cluster", "h100-8x4", "--dry-run", "--runs-dir", {str(tmp_path)!r}])
+        main(["plan", "recipes/full_ft.py", "--cluster", "h100-8x64", "--search"])
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "safetensors", "tokenizers", "transformers"))
         print(rc, rc2, heavy)
     """)
