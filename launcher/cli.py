@@ -204,7 +204,7 @@ def cmd_follow(name: str, argv: list[str]) -> int:
         if not rows:
             print(f"no runs under {root}")
             return 0
-        for line in format_table([["run", "cluster", "job", "state", "dp"], *rows]):
+        for line in format_table([["run", "cluster", "job", "state", "dp"], *rows], left=2):
             print(line)
         return 0
     run = jobs.find_run(args.run, root)

@@ -45,12 +45,16 @@ def status(job_id: str) -> JobStatus | None:
         fields = dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
         return JobStatus(job_id, fields.get("JobState", "?"), fields.get("Reason", ""), fields.get("RunTime", ""),
                          fields.get("ExitCode", ""), int(fields.get("Restarts", 0) or 0), "scontrol")
+    # scontrol fails for a job it no longer remembers ("Invalid job id"); anything else means Slurm is not reachable
+    unreachable = "" if "invalid job id" in out.stderr.lower() or out.returncode == 0 else " ".join(out.stderr.split()[-12:])
     for cmd, source in ((["sacct", "-j", job_id], "sacct"), (["sacct", "-c", "-j", job_id], "sacct -c")):
         out = _run([*cmd, "-n", "-P", "-X", "-o", "JobID,State,ExitCode,Elapsed"])
         rows = [r.split("|") for r in out.stdout.splitlines() if r.split("|")[0] == job_id]
         if out.returncode == 0 and rows:
             _, state, code, elapsed = rows[-1][:4]
             return JobStatus(job_id, state.split()[0], "", elapsed, code, max(len(rows) - 1, 0), source)
+    if unreachable:
+        raise UserError(f"cannot reach Slurm about job {job_id} (is SLURM_CONF set, is this a cluster node?): {unreachable}", "slurm")
     return None
 
 
@@ -111,8 +115,11 @@ def summary_row(run: Path) -> list[str]:
     if meta.get("dry_run"):
         state = "dry run"
     elif job:
-        st = status(job)
-        state = st.state if st else "unknown (forgotten by Slurm)"
+        try:
+            st = status(job)
+            state = st.state if st else "unknown (forgotten by Slurm)"
+        except UserError:
+            state = "? (Slurm unreachable)"
     else:
         state = local_state(run)
     plan = yaml.safe_load((run / "plan.yaml").read_text()) if (run / "plan.yaml").exists() else {}

@@ -43,9 +43,10 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
     }
 
 
-def format_table(rows: list[list[str]]) -> list[str]:
+def format_table(rows: list[list[str]], left: int = 0) -> list[str]:
+    """Columns padded to their widest cell: the first ``left`` columns left-aligned (names), the rest right (numbers)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
 def _si(n: float) -> str:

@@ -264,3 +264,17 @@ def test_planned_static_memory_equals_what_the_trainer_allocates(env, procs, ove
         ranks = [r for r in report["ranks"] if r["pp_rank"] == pp_rank]
         actual = {k: max(r[k] for r in ranks) for k in ("weights", "grads", "optimizer")}
         assert actual == planned, (pp_rank, actual, planned)
+
+
+def test_sigterm_checkpoints_at_the_end_of_the_step(env):
+    """Preemption (and scancel) send SIGTERM: the ranks finish the step and checkpoint before they go."""
+    runs, ck = env[1] / "term", env[1] / "ck-term"
+    proc = subprocess.Popen(launch_cmd(runs, 2, "parallel.ep=2", "train.max_steps=200", f"checkpoint.save_dir={ck}"), cwd=ROOT,
+                            env=env[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = _wait_for_step(runs, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    stopped = len(losses(run))
+    (saved,) = [p for p in ck.glob("step-*")]
+    assert saved.name == f"step-{stopped:08d}" and (saved / "trainer.json").exists(), out[-3000:]
+    assert (run / "EXIT_CODE").read_text().startswith("75 checkpointed at step") and "after SIGTERM" in out, out[-3000:]
