@@ -139,7 +139,12 @@ MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=60
 $NODELINES
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Preemption as on shared clusters: jobs in 'urgent' requeue those in 'debug' (SIGTERM, then up to
+# GraceTime seconds to checkpoint before SIGKILL); the launcher's preemption test uses it.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 if [ -f "$CONF" ] && ! cmp -s "$CONF" "$CONF.new" && [ -n "$(ls "$BASE"/run/slurm*.pid 2>/dev/null)" ]; then
   # a different node set or option: daemons read their config at start, so restart them

@@ -246,3 +246,27 @@ def test_two_point_sweep_makes_two_runs(tmp_path):
         lrs.append(yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"])
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert sorted(lrs) == [1e-3, 2e-3]
+
+
+def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
+    """A job in 'urgent' preempts ours (partition priority, PreemptMode=REQUEUE in scripts/local_slurm_up.sh):
+    SIGTERM -> the ranks checkpoint at the end of the step -> requeued -> resumes there and finishes."""
+    runs = tmp_path / "runs"
+    assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), "train.max_steps=40",
+                  "checkpoint.interval=1000").returncode == 0
+    run, job = the_run(runs)
+    deadline = time.time() + 60
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    cpus = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "-c", cpus, "--mem=500M",
+                             f"--output={tmp_path}/urgent.out", "--wrap", "sleep 2"], capture_output=True, text=True, check=True)
+    wait_gone(job, timeout=240)
+    wait_gone(urgent.stdout.strip(), timeout=60)
+    st = launch("status", str(run)).stdout
+    log = (run / "logs" / f"slurm-{job}.out").read_text()
+    assert "COMPLETED" in st and "restarts 0" not in st, st
+    assert "after SIGTERM" in log and "resumed from" in log, log[-3000:]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 40  # each step once
