@@ -8,6 +8,7 @@ submitted in order, each depending on the previous one (``afterok``, ``--kill-on
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shlex
 import shutil
@@ -50,8 +51,8 @@ def sweep_points(specs: list[str]) -> list[list[str]]:
     axes = []
     for spec in specs:
         key, sep, values = spec.partition("=")
-        vals = [v for v in values.split(",")]
-        if not sep or not key or not all(vals) or len(vals) < 1:
+        vals = values.split(",")
+        if not sep or not key or not all(vals):
             raise UserError(f"{spec!r} is not key=v1,v2,...", "--sweep")
         if key in {a[0] for a in axes}:
             raise UserError(f"{key} is swept twice; give all its values in one --sweep", "--sweep")
@@ -106,7 +107,9 @@ def plan_runs(runs: list[Run], profile: ClusterProfile, root: Path, memory_check
             if not run.pre.ok:
                 failed.append(run)
         else:
-            st.command = [placeholders(a, values, f"{run.recipe_path}: stage {st.name}.command") for a in st.command]
+            # a copy: the pipeline object is planned again if a run directory name was taken meanwhile
+            run.stage = dataclasses.replace(st, command=[placeholders(a, values, f"{run.recipe_path}: stage {st.name}.command")
+                                                         for a in st.command])
     return failed
 
 
