@@ -278,3 +278,32 @@ def test_sigterm_checkpoints_at_the_end_of_the_step(env):
     (saved,) = [p for p in ck.glob("step-*")]
     assert saved.name == f"step-{stopped:08d}" and (saved / "trainer.json").exists(), out[-3000:]
     assert (run / "EXIT_CODE").read_text().startswith("75 checkpointed at step") and "after SIGTERM" in out, out[-3000:]
+
+
+def test_resume_rewinds_metrics_of_steps_that_run_again(tmp_path):
+    """A crash after a checkpoint: the steps after it run again, so their old records move aside
+    (metrics.rewound.jsonl) and TensorBoard purges them; every step then appears once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.metrics import MetricsLogger
+
+    def record(step, loss):
+        return {"loss": loss, "grad_norm": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "mfu": 0.1, "mem_gib": 0.1}
+
+    first = MetricsLogger(tmp_path, 5, True)
+    for s in range(1, 6):
+        first.log(s, record(s, float(s)), console=False)
+    first.close()
+    time.sleep(1.1)  # a new event file name (they are per second)
+    second = MetricsLogger(tmp_path, 5, True)
+    assert second.rewind(3) == 2
+    for s in (4, 5):
+        second.log(s, record(s, 10.0 * s), console=False)
+    second.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()] == [4, 5]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert MetricsLogger(tmp_path, 5, True).rewind(5) == 0  # nothing after the last step: nothing moves

@@ -197,7 +197,9 @@ def train(run_dir: Path) -> int:
         saved = checkpoint.load(found, model, optimizer, current)
         start = saved["step"]
         loader.load_state_dict(saved["data"])
-        log.info(f"moe-launch: resumed from {found} at step {start}" + ("" if saved["layout"] == layout else f" (layout was {saved['layout']})"))
+        rewound = log.rewind(start)
+        log.info(f"moe-launch: resumed from {found} at step {start}" + ("" if saved["layout"] == layout else f" (layout was {saved['layout']})")
+                 + (f"; {rewound} step record(s) after it moved to metrics.rewound.jsonl (those steps run again)" if rewound else ""))
     log.info(f"moe-launch: training {recipe.name}: {recipe.model.name} on {world} rank(s) on {_ranks_per_node(nodes)}, layout {layout}, "
              f"{n_micro} micro-batch(es) of {train_cfg.micro_batch_size} x {data_cfg.seq_length} per rank per step; data {loader.stats()}")
 

@@ -35,16 +35,48 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, max_steps: int, enabled: bool):
         self.enabled = enabled
         self.max_steps = max_steps
+        self.run_dir = run_dir
         self.t0 = time.perf_counter()
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.tb = None
-        if enabled:
+        self._tb_ready = False
+        self._purge_step: int | None = None
+
+    def rewind(self, step: int) -> int:
+        """Resuming at ``step``: the steps after it will be trained again, so their records (written
+        after the checkpoint, before a crash) move from metrics.jsonl to metrics.rewound.jsonl and
+        TensorBoard purges its events after ``step``; each step then appears once. Returns how many
+        records moved."""
+        if not self.enabled:
+            return 0
+        self.file.close()
+        path = self.run_dir / "metrics.jsonl"
+        keep, moved = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                (keep if json.loads(line)["step"] <= step else moved).append(line)
+            except (ValueError, KeyError, TypeError):
+                keep.append(line)  # not ours to judge
+        if moved:
+            with open(self.run_dir / "metrics.rewound.jsonl", "a") as f:
+                f.writelines(moved)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+        self.file = open(path, "a")
+        self._purge_step = step + 1
+        return len(moved)
+
+    def _tensorboard(self):
+        if not self._tb_ready:
+            self._tb_ready = True
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
             except ImportError:  # tensorboard is optional
                 self.tb = None
+        return self.tb
 
     def log(self, step: int, metrics: dict, console: bool) -> None:
         if not self.enabled:
@@ -52,10 +84,11 @@ class MetricsLogger:
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                    tb.add_scalar(f"train/{k}", v, step)
         if console:
             done = step / self.max_steps
             bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
