@@ -218,14 +218,12 @@ def _group_static(recipe, kind: str, lay: Layout, rkey: tuple) -> tuple:
     return hit
 
 
-def rank_groups(recipe, lay: Layout, r: int, layers: list[int] | None = None) -> dict[str, int]:
+def rank_groups(recipe, lay: Layout, r: int, layers: list[int]) -> dict[str, int]:
     """How many FSDP groups of each kind pipeline rank ``r`` holds (decoder layers, MTP blocks, root parts);
-    ``layers``: the rank's decoder layers, where the caller has them already."""
+    ``layers``: its decoder layers (:func:`rank_layers`)."""
     m = recipe.model
     last = (lay.pp * lay.vpp - 1) % lay.pp
     uses_mtp = m.num_nextn_predict_layers > 0 and (lay.pp == 1 or recipe.train.mtp_loss_weight > 0)
-    if layers is None:
-        layers = rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)[r]
     moe = sum(1 for i in layers if i >= m.first_k_dense_replace) if m.n_routed_experts else 0
     return {"dense": len(layers) - moe, "moe": moe,
             "mtp": m.num_nextn_predict_layers if r == last and uses_mtp else 0,
@@ -234,13 +232,11 @@ def rank_groups(recipe, lay: Layout, r: int, layers: list[int] | None = None) ->
             "head": 1 if r == last else 0}
 
 
-def static_items(recipe, lay: Layout, r: int, rkey: tuple | None = None,
-                 groups: dict[str, int] | None = None) -> list[tuple[str, float]]:
-    """Weights, gradients and optimizer states of pipeline rank ``r`` (its fullest DP/TP rank), in bytes;
-    ``groups``: its :func:`rank_groups`, where the caller has them already."""
+def static_items(recipe, lay: Layout, groups: dict[str, int], rkey: tuple) -> list[tuple[str, float]]:
+    """Weights, gradients and optimizer states of a pipeline rank holding ``groups`` (its
+    :func:`rank_groups`; the fullest DP/TP rank), in bytes."""
     bf16 = recipe.train.precision == "bf16"
-    rkey = rkey or _group_key(recipe)
-    counts = {k: n for k, n in (groups or rank_groups(recipe, lay, r)).items() if n}
+    counts = {k: n for k, n in groups.items() if n}
     g = {k: _group_static(recipe, k, lay, rkey) for k in counts}
     total = lambda i, kinds=None: sum(counts[k] * g[k][i] for k in counts if kinds is None or k in kinds)  # noqa: E731
     if recipe.backend.name == "native":
@@ -276,7 +272,7 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
         counts = rank_groups(recipe, lay, r, layers)
         key = tuple(counts.values())
         if key not in static_memo:
-            static_memo[key] = static_items(recipe, lay, r, rkey, counts)
+            static_memo[key] = static_items(recipe, lay, counts, rkey)
         items = list(static_memo[key])
         dense_act = per_layer["dense"][0] * counts["dense"] + per_layer["moe"][0] * counts["moe"]
         routed_act = per_layer["moe"][1] * counts["moe"]

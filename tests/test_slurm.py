@@ -83,6 +83,18 @@ def test_status_logs_list_cancel_on_running_and_failed_jobs(tmp_path):
     assert "tokenizer has 261 tokens, model.vocab_size is 100" in log and "requeueing" not in log
 
 
+def wait_for_steps(run: Path, steps: int, timeout: float = 60) -> None:
+    """Until the job has logged ``steps`` steps to metrics.jsonl."""
+    deadline = time.time() + timeout
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < steps:
+        assert time.time() < deadline, f"{run.name}: fewer than {steps} steps after {timeout}s"
+        time.sleep(0.2)
+
+
+def job_node(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+
+
 def test_signal_before_time_limit_checkpoints_requeues_once_and_resumes_exactly(tmp_path):
     """Slurm's pre-timeout signal (B:USR2) -> ranks checkpoint, exit 75 -> requeue -> resume -> same weights."""
     import torch
@@ -96,10 +108,7 @@ def test_signal_before_time_limit_checkpoints_requeues_once_and_resumes_exactly(
         (run,) = list(runs.iterdir())
         job = yaml.safe_load((run / "submission.yaml").read_text())["job_id"]
         if name == "signalled":
-            deadline = time.time() + 60
-            while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
-                assert time.time() < deadline
-                time.sleep(0.2)
+            wait_for_steps(run, 3)
             subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)  # what --signal=B:USR2@T sends
         wait_gone(job, timeout=240)
         st = launch("status", str(run)).stdout
@@ -255,11 +264,8 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
     assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), "train.max_steps=40",
                   "checkpoint.interval=1000").returncode == 0
     run, job = the_run(runs)
-    deadline = time.time() + 60
-    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.time() < deadline
-        time.sleep(0.2)
-    node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    wait_for_steps(run, 3)
+    node = job_node(job)
     cpus = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "-c", cpus, "--mem=500M",
                              f"--output={tmp_path}/urgent.out", "--wrap", "sleep 2"], capture_output=True, text=True, check=True)
@@ -280,11 +286,8 @@ def test_node_failure_requeues_and_resumes_from_the_last_checkpoint(tmp_path):
     assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), "train.max_steps=30",
                   "checkpoint.interval=5").returncode == 0
     run, job = the_run(runs)
-    deadline = time.time() + 60
-    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 12:
-        assert time.time() < deadline
-        time.sleep(0.2)
-    node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    wait_for_steps(run, 12)
+    node = job_node(job)
 
     def tree(pids):
         out = []

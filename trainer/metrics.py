@@ -49,7 +49,7 @@ class MetricsLogger:
         records moved."""
         if not self.enabled:
             return 0
-        self.file.close()
+        self._purge_step = step + 1
         path = self.run_dir / "metrics.jsonl"
         keep, moved = [], []
         for line in path.read_text().splitlines(keepends=True):
@@ -60,11 +60,11 @@ class MetricsLogger:
         if moved:
             with open(self.run_dir / "metrics.rewound.jsonl", "a") as f:
                 f.writelines(moved)
+            self.file.close()  # it appends to the file being replaced
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(keep))
             tmp.replace(path)
-        self.file = open(path, "a")
-        self._purge_step = step + 1
+            self.file = open(path, "a")
         return len(moved)
 
     def _tensorboard(self):
