@@ -9,6 +9,9 @@
   launch logs [RUN] [-f] the job's output (-f: until the job has ended)
   launch cancel [RUN]    scancel the run's job
   launch list            recent runs as a table
+  launch export RUN --cluster NAME       a run's checkpoint as a Hugging Face directory (hf | merged | peft)
+  launch generate RUN|HF_DIR --prompt TEXT | --input FILE.jsonl --cluster NAME
+  launch eval RUN [--split test] --cluster NAME   answers of the split -> results.csv, summary.json
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch",
         description="Check a recipe against a cluster, render its job and submit it.",
-        epilog="Other commands: `launch plan|clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
+        epilog="Other commands: `launch plan|export|generate|eval|clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
                "e.g. train.max_steps=100 parallel.tp=4 model=deepseek-v2-lite.",
     )
     p.add_argument("recipe", help="recipe or pipeline file (recipes/full_ft.py, file.py:function) or shipped name")
@@ -249,6 +252,34 @@ def _no_log(path: Path) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ jobs on a trained model
+def cmd_task(name: str, argv: list[str]) -> int:
+    """``launch export|generate|eval``: a job on a trained model (see launcher.tasks)."""
+    from launcher import submission, tasks
+
+    args = tasks.parser(name).parse_intermixed_args(argv)
+    profile, _ = cluster.load_profile(args.cluster)
+    root = rundir.runs_root(args.runs_dir, profile.runs_dir)
+    prepared = tasks.prepare(name, args, profile, root)
+    if not args.dry_run:
+        _check_can_run(profile)
+    # the job's run directory goes beside the run it works on (a Hugging Face directory: under the runs directory)
+    task = prepared.task
+    job = tasks.write_job(prepared, profile, Path(task.source).parent if task.source_kind == "run" else root, [name, *argv], args.dry_run)
+    out = sys.stderr if args.dry_run else sys.stdout
+    for line in prepared.lines:
+        print(line, file=out)
+    print(f"run dir  {job.run_dir}", file=out)
+    if args.dry_run:
+        print(f"dry run: nothing submitted; the script is {job.run_dir / job.script_name}", file=out)
+        sys.stdout.write(job.files[job.script_name])
+        return 0
+    if profile.executor == "slurm":
+        submission.submit_runs([job], out)
+        return 0
+    return submission.run_locally([job], False)
+
+
 def cmd_clusters() -> int:
     for name in cluster.available():
         try:
@@ -283,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(argv[1:])
         if argv[:1] and argv[0] in ("status", "logs", "cancel", "list"):
             return cmd_follow(argv[0], argv[1:])
+        if argv[:1] and argv[0] in ("export", "generate", "eval"):
+            return cmd_task(argv[0], argv[1:])
         args = _parser().parse_intermixed_args(argv)
         return cmd_launch(args, argv)
     except UserError as exc:

@@ -1,7 +1,9 @@
 """Pipelines: stages (e.g. convert -> train -> eval) that run one after another as dependent jobs.
 
 A pipeline file (``recipes/*_pipeline.py``) defines ``pipeline() -> Pipeline``. Each stage is a
-training recipe (rendered as a normal training job) or a command run once on one node. On Slurm
+training recipe (rendered as a normal training job), a job on a trained model (``task="eval"``,
+``"export"`` or ``"generate"`` with the options of ``launch eval|export|generate`` as ``args``, the
+run being an earlier stage: ``args=["{train}", "--split", "test"]``), or a command run once on one node. On Slurm
 every stage is its own job with ``--dependency=afterok:<previous>`` and ``--kill-on-invalid-dep=yes``:
 a failed stage makes Slurm cancel the rest instead of leaving them pending forever. Each stage gets
 its own run directory, so ``launch status|logs|cancel|list`` work on stages as on any run.
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from launcher.errors import UserError
+from launcher.tasks import ENTRY_MODULES
+
+TASKS = tuple(ENTRY_MODULES)  # export, generate, eval
 
 STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
@@ -28,6 +33,8 @@ class Stage:
     recipe: Optional[str] = None  # a training stage: recipe file or shipped name ...
     overrides: List[str] = field(default_factory=list)  # ... with these key=value overrides
     command: Optional[List[str]] = None  # or a command stage: argv, run once on one node
+    task: Optional[str] = None  # or a job on a trained model: export | generate | eval ...
+    args: List[str] = field(default_factory=list)  # ... with the command's arguments (the run first)
     gpus: int = 0  # GPUs a command stage asks for (cuda profiles)
     time: Optional[str] = None  # a command stage's time limit (default: the profile's)
 
@@ -54,8 +61,13 @@ def check(p: Pipeline, where: str) -> None:
         if s.name in seen:
             raise UserError(f"two stages are named {s.name!r}; stage names must be unique", f"{at}.name")
         seen.add(s.name)
-        if (s.recipe is None) == (s.command is None):
-            raise UserError("give a stage either recipe= (a training job) or command= (argv run once)", at)
+        if sum(x is not None for x in (s.recipe, s.command, s.task)) != 1:
+            raise UserError("give a stage either recipe= (a training job), task= (export, generate or eval of a run) "
+                            "or command= (argv run once)", at)
+        if s.task is not None and s.task not in TASKS:
+            raise UserError(f"task {s.task!r} is not one of {', '.join(TASKS)}", f"{at}.task")
+        if s.task is not None and (not s.args or not all(isinstance(a, str) for a in s.args)):
+            raise UserError("a task stage needs args: the run first (e.g. \"{train}\"), then options", f"{at}.args")
         if s.command is not None and (not s.command or not all(isinstance(a, str) for a in s.command)):
             raise UserError("command must be a non-empty list of strings (argv)", f"{at}.command")
         if s.gpus < 0:

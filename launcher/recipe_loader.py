@@ -42,7 +42,7 @@ def load_recipe(spec: str) -> tuple[Recipe, Path]:
     """Import the recipe file and call its ``recipe()`` (or the named function)."""
     target, path = load_target(spec)
     if not isinstance(target, Recipe):
-        raise UserError(f"defines a pipeline, not a recipe; a recipe file defines recipe() returning a Recipe", str(path))
+        raise UserError("defines a pipeline, not a recipe; a recipe file defines recipe() returning a Recipe", str(path))
     return target, path
 
 

@@ -69,6 +69,9 @@ class RenderInput:
     layout: Layout
     run_dir: str
     python: str | None = None  # interpreter on the nodes; default: the profile's, else this one
+    entry_module: str | None = None  # what torchrun starts on every rank; default: the recipe backend's trainer
+    job_name: str | None = None  # Slurm job name; default: the recipe's name
+    what: str = "recipe"  # the script's first line: "moe-launch job: <what> <job_name> on cluster ..."
 
 
 def render(inp: RenderInput) -> str:
@@ -86,7 +89,9 @@ def render(inp: RenderInput) -> str:
         run_dir=inp.run_dir,
         python=inp.python or inp.profile.python or ("python" if image else sys.executable),
         image=image,
-        entry_module=ENTRY_MODULES[inp.recipe.backend.name],
+        entry_module=inp.entry_module or ENTRY_MODULES[inp.recipe.backend.name],
+        job_name=inp.job_name or inp.recipe.name,
+        what=Shell(inp.what),
         env=sorted({**inp.profile.env, **inp.recipe.env}.items()),
         requeue_exit=REQUEUE_EXIT_CODE,
     )

@@ -44,6 +44,7 @@ class Run:
     files: dict[str, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)  # summary
     job_id: str | None = None
+    prepared: object = None  # a task stage: the checked export/generate/eval job (launcher.tasks.Prepared)
 
 
 def sweep_points(specs: list[str]) -> list[list[str]]:
@@ -106,6 +107,13 @@ def plan_runs(runs: list[Run], profile: ClusterProfile, root: Path, memory_check
             run.pre = run_preflight(run.recipe, profile, memory_check=memory_check, produced=earlier)
             if not run.pre.ok:
                 failed.append(run)
+        elif st.task is not None:
+            from launcher import tasks
+
+            where = f"{run.recipe_path}: stage {st.name}.args"
+            args = tasks.parser(st.task, stage=where).parse_args([placeholders(a, values, where) for a in st.args])
+            pending = {str(r.run_dir): r.recipe for r in runs[:runs.index(run)] if r.recipe is not None}
+            run.prepared = tasks.prepare(st.task, args, profile, root, pending)
         else:
             # a copy: the pipeline object is planned again if a run directory name was taken meanwhile
             run.stage = dataclasses.replace(st, command=[placeholders(a, values, f"{run.recipe_path}: stage {st.name}.command")
@@ -123,6 +131,12 @@ def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_r
             run.files = {run.script_name: script, "recipe.yaml": config_io.to_yaml(run.recipe),
                          "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan), "meta.yaml": rundir.dump(meta)}
             run.lines = summary(run.recipe, run.spec, profile, run.pre, plan)
+        elif run.prepared is not None:
+            from launcher import tasks
+
+            run.script_name, run.files = tasks.render_job(run.prepared, profile, run.run_dir, argv, dry_run, python,
+                                                          job_name=run.label, meta_extra=run.meta_extra)
+            run.lines = [f"stage    {run.stage.name}: {run.stage.task} {' '.join(run.stage.args)}", *run.prepared.lines]
         else:
             st = run.stage
             run.script_name = "command.sbatch" if profile.executor == "slurm" else "command.sh"

@@ -40,21 +40,22 @@ class MLA(nn.Module):
         # its gradient must be summed over the TP group. The trainer installs that here.
         self.shared_key_hook = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S] (True = attend)."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, S, H] -> q_nope [B, h, S, nope], q_rope [B, h, S, rope] (rotated), the normalised latent
+        [B, S, kv_lora_rank] and the rotated shared key k_rope [B, 1, S, rope]: what MLA caches is the last two."""
         b, s, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
         q = q.view(b, s, -1, self.nope + self.rope).transpose(1, 2)  # heads from the weight: TP-friendly
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, -1, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin), self.kv_a_layernorm(latent), apply_rope(k_rope.view(b, 1, s, self.rope), cos, sin)
 
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope.view(b, 1, s, self.rope), cos, sin)
-        if self.shared_key_hook is not None:
-            k_rope = self.shared_key_hook(k_rope)
+    def attend(self, q_nope, q_rope, latent, k_rope, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the queries over the keys/values expanded from the latent (through kv_b_proj), then o_proj.
+        mask: None (causal, as many queries as keys) or a boolean [B, 1, S_q, S_k] (True = attend)."""
+        b, s_k, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, s_k, -1, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         # Fused (flash) kernels want one head dim for q, k and v: pad v with zeros, drop the padding after.
@@ -63,4 +64,11 @@ class MLA(nn.Module):
                                              is_causal=mask is None, scale=self.scale)
         if pad > 0:
             out = out[..., : self.v_dim]
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S] (True = attend)."""
+        q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
+        if self.shared_key_hook is not None:
+            k_rope = self.shared_key_hook(k_rope)
+        return self.attend(q_nope, q_rope, latent, k_rope, mask)

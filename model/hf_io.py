@@ -23,71 +23,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.config import ModelConfig, RopeScaling
+from model.config import ModelConfig
+from model.hf_config import config_from_hf, config_to_hf, load_config  # noqa: F401  (re-exported)
 from model.moe import GroupedExperts
-
-_HF_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-              "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "scoring_func",
-              "topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha",
-              "rms_norm_eps", "max_position_embeddings", "num_nextn_predict_layers", "tie_word_embeddings",
-              "initializer_range"]
-_ROPE_FIELDS = ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"]
-
 
 class CheckpointMismatch(ValueError):
     """Missing, unexpected or mis-shaped tensors; the message lists them."""
-
-
-# ----------------------------------------------------------------------------- config
-def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
-    """ModelConfig from a config.json dict (transformers v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
-    fields = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
-    cfg = ModelConfig(name=name, **fields)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "yarn":
-        cfg.rope_scaling = RopeScaling(
-            factor=float(rope["factor"]), original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-            mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"), attention_factor=rope.get("attention_factor"))
-    elif kind in ("default", None):
-        cfg.rope_scaling = None
-    else:
-        raise ValueError(f"rope type {kind!r} is not used by the DeepSeek-V3 family (yarn or default)")
-    if "n_routed_experts" in hf and hf.get("n_routed_experts") is None:
-        cfg.n_routed_experts = 0
-    return cfg
-
-
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """config.json for DeepseekV3ForCausalLM, readable by transformers v4 and v5."""
-    hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
-          "num_key_value_heads": cfg.num_attention_heads, "attention_bias": False, "attention_dropout": 0.0,
-          "moe_layer_freq": 1, "rope_interleave": True, "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1}
-    hf.update({k: getattr(cfg, k) for k in _HF_FIELDS})
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        rs = cfg.rope_scaling
-        rope = {"rope_type": "yarn", "type": "yarn", "rope_theta": cfg.rope_theta,
-                **{k: getattr(rs, k) for k in _ROPE_FIELDS if getattr(rs, k) is not None}}
-    hf["rope_parameters"] = rope
-    hf["rope_scaling"] = None if cfg.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"}
-    hf["rope_theta"] = cfg.rope_theta
-    return hf
-
-
-def load_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
-    return config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
 
 
 # ------------------------------------------------------------------------ key mapping
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def _ours_to_hub_prefix(name: str, cfg: ModelConfig) -> str:
+def hub_name(name: str, cfg: ModelConfig) -> str:
     """Our parameter/buffer name -> hub name (experts still stacked: '...mlp.experts.gate_proj')."""
     if name.startswith("lm_head."):
         return name
@@ -112,13 +60,13 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[sl
         local, region = local_region(tensor)
         owner, _, attr = name.rpartition(".")
         if owner in experts:
-            prefix = _ours_to_hub_prefix(owner, cfg)
+            prefix = hub_name(owner, cfg)
             # a DTensor's region knows its experts; a plain partial stack says where it starts
             first = region[0].start if hasattr(tensor, "to_local") else experts[owner].first_expert
             for i, e in enumerate(range(first, first + local.shape[0])):
                 out[f"{prefix}.{e}.{attr}.weight"] = (local[i], region[1:], tuple(tensor.shape[1:]))
         else:
-            out[_ours_to_hub_prefix(name, cfg)] = (local, region, tuple(tensor.shape))
+            out[hub_name(name, cfg)] = (local, region, tuple(tensor.shape))
     return out
 
 
@@ -138,18 +86,25 @@ def _other_experts(model: nn.Module, wanted: dict) -> set[str]:
     keys = set()
     for name, mod in model.named_modules():
         if isinstance(mod, GroupedExperts):
-            prefix = _ours_to_hub_prefix(name, cfg)
+            prefix = hub_name(name, cfg)
             keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(cfg.n_routed_experts) for proj in ("gate_proj", "up_proj", "down_proj")}
     return keys - wanted.keys()
 
 
-def _shared_mtp_copies(cfg: ModelConfig) -> set[str]:
-    """Hub keys that duplicate shared tensors (each MTP module's embedding and head)."""
-    keys = set()
+def mtp_shared_copies(cfg: ModelConfig) -> dict[str, str]:
+    """Hub keys that duplicate shared tensors (each MTP module's embedding and head) -> the hub key they copy."""
+    keys = {}
     for k in range(cfg.num_nextn_predict_layers):
         base = f"model.layers.{cfg.num_hidden_layers + k}"
-        keys |= {f"{base}.embed_tokens.weight", f"{base}.shared_head.head.weight"}
+        keys.update({f"{base}.embed_tokens.weight": "model.embed_tokens.weight", f"{base}.shared_head.head.weight": "lm_head.weight"})
     return keys
+
+
+def _unused_mtp_layer(key: str, cfg: ModelConfig) -> bool:
+    """A tensor of an MTP layer the model does not have (e.g. the release's layer 61 for a model built
+    without MTP, as for generation): not needed, not an error."""
+    m = re.match(r"^model\.layers\.(\d+)\.", key)
+    return m is not None and int(m.group(1)) >= cfg.num_hidden_layers + cfg.num_nextn_predict_layers
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -180,10 +135,11 @@ def load_hf_weights(model: nn.Module, path: str | Path, strict: bool = True, ign
     cfg: ModelConfig = model.cfg
     wanted = expected_tensors(model)
     weight_map = _weight_map(path)
-    shared = _shared_mtp_copies(cfg)
+    shared = mtp_shared_copies(cfg)
     missing = sorted(k for k in wanted if k not in weight_map)
     held_elsewhere = _other_experts(model, wanted)  # experts of other expert-parallel ranks
-    unexpected = sorted(k for k in weight_map if k not in wanted and k not in shared and k not in held_elsewhere)
+    unexpected = sorted(k for k in weight_map if k not in wanted and k not in shared and k not in held_elsewhere
+                        and not _unused_mtp_layer(k, cfg))
     if ignore_unexpected:
         unexpected = []
     bad_shape = []
@@ -234,13 +190,11 @@ def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024*
         if dtype is not None and v.is_floating_point() and not key.endswith("e_score_correction_bias"):
             v = v.to(dtype)
         tensors[key] = v.contiguous().cpu()
-    for k in range(cfg.num_nextn_predict_layers):  # the hub layout repeats the shared tensors per MTP module
-        base = f"model.layers.{cfg.num_hidden_layers + k}"
-        tensors[f"{base}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-        tensors[f"{base}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    for copy, original in mtp_shared_copies(cfg).items():  # the hub layout repeats the shared tensors per MTP module
+        tensors[copy] = tensors[original].clone()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key in sorted(tensors, key=_hub_order):
+    for key in sorted(tensors, key=hub_order):
         nbytes = tensors[key].numel() * tensors[key].element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -258,9 +212,13 @@ def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024*
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
 
 
-def _hub_order(key: str):
+def hub_order(key: str):
+    """Sort key of the hub layout: embedding, layers in order (experts by number), then norm and head."""
     m = re.match(r"^model\.layers\.(\d+)\.(.*)$", key)
-    return (1, int(m.group(1)), m.group(2)) if m else ((0, 0, key) if "embed" in key else (2, 0, key))
+    if not m:
+        return (0 if "embed" in key else 2, 0, (key,))
+    natural = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", m.group(2)))
+    return (1, int(m.group(1)), natural)
 
 
 def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, mtp_loss_weight: float = 0.1):

@@ -205,6 +205,11 @@ def test_sweep_with_one_bad_point_writes_nothing(tmp_path):
     ("Pipeline('p', [Stage('a')])", "stages[0]: give a stage either recipe="),
     ("Pipeline('p', [Stage('a', command=['echo', '{nope}'])])", "names {nope}; known: {a}, {python}"),
     ("Pipeline('p', [Stage('a', recipe='smoke', overrides=['train.max_stepz=3'])])", "override train.max_stepz: unknown key"),
+    ("Pipeline('p', [Stage('t', recipe='smoke'), Stage('e', task='eval', args=['{t}', '--splt', 'test'])])",
+     "stage e.args: unrecognized arguments: --splt test"),
+    ("Pipeline('p', [Stage('t', recipe='smoke'), Stage('e', task='export', args=['{t}', '--format', 'peft'])])",
+     "--format: run "),
+    ("Pipeline('p', [Stage('t', recipe='smoke'), Stage('e', task='serve', args=['{t}'])])", "stages[1].task: task 'serve' is not one of"),
 ])
 def test_bad_pipelines_one_line_exit_2_nothing_written(tmp_path, body, words):
     pipe = tmp_path / "p.py"
@@ -220,9 +225,13 @@ def test_pipeline_dry_run_renders_every_stage(tmp_path):
     res = run_launch("recipes/smoke_pipeline.py", "--cluster", "local-slurm", "--dry-run", "--runs-dir", str(runs))
     assert res.returncode == 0, res.stderr
     made = {yaml.safe_load((p / "meta.yaml").read_text())["pipeline"]["stage"]: p for p in runs.iterdir()}
-    assert sorted(made) == ["eval", "prepare", "train"]
+    assert sorted(made) == ["eval", "export", "prepare", "train"]
     # placeholders resolved to the other stages' run directories; no "not visible" warning for prepare's output
     assert f"{made['prepare']}/data" in (made["train"] / "recipe.yaml").read_text()
-    assert f"--run-dir {made['train']}" in (made["eval"] / "command.sbatch").read_text()
+    # eval and export are jobs on the train stage's run, whose checkpoint they find when they start
+    for stage, module in (("eval", "evaluation.main"), ("export", "export.main")):
+        task = yaml.safe_load((made[stage] / "task.yaml").read_text())
+        assert task["source"] == str(made["train"]) and task["checkpoint"] is None and task["kind"] == stage
+        assert f"-m {module} --run-dir" in (made[stage] / "job.sbatch").read_text()
     assert "not visible" not in res.stderr and "submitted job" not in res.stdout + res.stderr
-    assert res.stdout.count("#!/bin/bash") == 3 and "#SBATCH --no-requeue" in res.stdout
+    assert res.stdout.count("#!/bin/bash") == 4 and "#SBATCH --no-requeue" in res.stdout

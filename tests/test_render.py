@@ -3,11 +3,12 @@
 import dataclasses
 import os
 import subprocess
+from pathlib import Path
 
 import jinja2
 import pytest
 
-from launcher import paths
+from launcher import paths, tasks
 from launcher.cluster import load_profile
 from launcher.errors import UserError
 from launcher.preflight import run_preflight
@@ -28,14 +29,20 @@ def golden_text(recipe_name, cluster_name):
     if isinstance(target, Pipeline):
         dirs = {st.name: f"/runs/{target.name}.{st.name}-{cluster_name}" for st in target.stages}
         values = {**dirs, "python": "python3"}
-        parts = []
+        parts, trained = [], {}
         for i, st in enumerate(target.stages, 1):
             parts.append(f"# ==== stage {i}: {st.name}\n")
             if st.command is not None:
                 st = dataclasses.replace(st, command=[placeholders(a, values, "command") for a in st.command])
                 parts.append(render_command(st, f"{target.name}.{st.name}", profile, dirs[st.name], "python3"))
+            elif st.task is not None:  # a job on an earlier stage's run
+                args = tasks.parser(st.task, stage="args").parse_args([placeholders(a, values, "args") for a in st.args])
+                prepared = tasks.prepare(st.task, args, profile, Path("/runs"), trained)
+                name, files = tasks.render_job(prepared, profile, Path(dirs[st.name]), [], True, "python3", job_name=f"{target.name}.{st.name}")
+                parts.append(files[name])
             else:
                 recipe = apply_overrides(load_recipe(st.recipe)[0], [placeholders(o, values, "overrides") for o in st.overrides])
+                trained[dirs[st.name]] = recipe
                 earlier = tuple(dirs[s.name] for s in target.stages[:i - 1])
                 parts.append(_render_recipe(recipe, profile, dirs[st.name], earlier))
         return "".join(parts)

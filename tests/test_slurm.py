@@ -202,20 +202,24 @@ def test_three_stage_pipeline_runs_in_order(tmp_path):
     for run in runs.iterdir():
         stage = yaml.safe_load((run / "meta.yaml").read_text())["pipeline"]["stage"]
         stages[stage] = (run, yaml.safe_load((run / "submission.yaml").read_text()))
-    assert sorted(stages) == ["eval", "prepare", "train"]
+    assert sorted(stages) == ["eval", "export", "prepare", "train"]
     assert stages["train"][1]["after_ok"] == stages["prepare"][1]["job_id"]
     assert stages["eval"][1]["after_ok"] == stages["train"][1]["job_id"]
-    wait_gone(stages["eval"][1]["job_id"], timeout=240)
+    assert stages["export"][1]["after_ok"] == stages["eval"][1]["job_id"]
+    wait_gone(stages["export"][1]["job_id"], timeout=300)
     times = {s: job_times(str(sub["job_id"])) for s, (_, sub) in stages.items()}
-    assert times["prepare"][1] <= times["train"][0] and times["train"][1] <= times["eval"][0], times
+    order = ["prepare", "train", "eval", "export"]
+    assert all(times[a][1] <= times[b][0] for a, b in zip(order, order[1:])), times
     for s, (run, _) in stages.items():
         assert "COMPLETED" in launch("status", str(run)).stdout, s
-    # the stages handed their outputs on: train read prepare's data, eval read train's checkpoint
+    # the stages handed their outputs on: train read prepare's data, eval and export read train's checkpoint
     train_run = stages["train"][0]
     assert str(stages["prepare"][0] / "data") in (train_run / "recipe.yaml").read_text()
-    result = json.loads((train_run / "eval-validation.json").read_text())
+    summary = json.loads((train_run / "eval" / "validation-step-20" / "summary.json").read_text())
     first = json.loads((train_run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    assert result["step"] == 20 and result["loss"] < first - 1.0
+    assert summary["step"] == 20 and summary["examples"] == 200 and summary["loss"] < first - 1.0
+    assert (train_run / "eval" / "validation-step-20" / "results.csv").read_text().count("\n") == 201
+    assert json.loads((train_run / "export" / "hf-step-20" / "config.json").read_text())["model_type"] == "deepseek_v3"
 
 
 def test_failing_first_stage_cancels_the_rest_and_leaves_nothing_pending(tmp_path):
@@ -226,7 +230,7 @@ def test_failing_first_stage_cancels_the_rest_and_leaves_nothing_pending(tmp_pat
         "    return Pipeline('failing', [\n"
         "        Stage('convert', command=['{python}', '-c', 'import sys; sys.exit(\"no such checkpoint\")']),\n"
         "        Stage('train', recipe='smoke'),\n"
-        "        Stage('eval', command=['{python}', '-m', 'trainer.evaluate', '--run-dir', '{train}']),\n"
+        "        Stage('eval', command=['{python}', '-m', 'evaluation.loss', '--run-dir', '{train}']),\n"
         "    ])\n")
     runs = tmp_path / "runs"
     res = launch(str(pipe), "--cluster", "local-slurm", "--runs-dir", str(runs))

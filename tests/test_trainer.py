@@ -7,46 +7,22 @@ that element's update by a fraction of lr). A resume on the same layout is bitwi
 """
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, launch_cmd, train
 
 pytest.importorskip("torch.distributed")
 
-FAST = ["train.max_steps=4", "train.global_batch_size=8", "train.micro_batch_size=2", "data.seq_length=64",
-        "train.log_interval=1", "checkpoint.interval=1000", "train.warmup_steps=1", "train.lr=1e-3"]
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("trainer")
-    profiles = base / "profiles"
-    profiles.mkdir()
-    for n in (1, 2, 4):
-        (profiles / f"cpu{n}.yaml").write_text(
-            f"name: cpu{n}\nexecutor: local\ndevice: cpu\nnodes: 1\ngpus_per_node: {n}\n"
-            "gpu: {type: cpu, memory_gb: 8, peak_tflops: 1.0, assumed_mfu: 0.1}\nenv: {OMP_NUM_THREADS: '1'}\n")
-    return {**os.environ, "MOE_LAUNCH_CLUSTERS": str(profiles), "MOE_LAUNCH_DATA_CACHE": str(base / "data"),
-            "XDG_CONFIG_HOME": str(base / "xdg")}, base
-
-
-def launch_cmd(runs, procs, *overrides):
-    return [sys.executable, "-m", "launcher.cli", "smoke", "--cluster", f"cpu{procs}", "--runs-dir", str(runs), *FAST, *overrides]
-
-
-def train(env, runs, procs, *overrides, expect=0):
-    res = subprocess.run(launch_cmd(runs, procs, *overrides), cwd=ROOT, env=env[0], capture_output=True, text=True, timeout=300)
-    assert res.returncode == expect, res.stdout[-3000:] + res.stderr[-3000:]
-    (run,) = [p for p in sorted(Path(runs).iterdir(), key=os.path.getmtime) if not p.name.startswith(".")][-1:]
-    return run, res
+def env(cpu_env):
+    return cpu_env
 
 
 def losses(run):
@@ -91,8 +67,8 @@ def reference(env):
     ("tp2-sp-mtp", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
     ("pp2-tp2-sp-mtp", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
 ])
-def test_parallel_layout_equals_single_process(env, reference, name, procs, overrides):
-    run, res = train(env, env[1] / name, procs, *overrides)
+def test_parallel_layout_equals_single_process(trained, reference, name, procs, overrides):
+    run = trained(name, procs, *overrides)
     ref_losses, ref_weights, _ = reference
     got = losses(run)
     assert len(got) == len(ref_losses) == 4

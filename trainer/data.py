@@ -24,39 +24,12 @@ from typing import Iterator, Sequence
 import torch
 
 from model.transformer import IGNORE_INDEX
+from trainer.chat import render_chat
 
 SPLIT_FILES = {"training": "training.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 _SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation"}
 _FIELD_PAIRS = (("input", "output"), ("prompt", "completion"))
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
-
-
-# ----------------------------------------------------------------------------------------------- templates
-
-def _special(tok, text: str) -> list[int]:
-    """The token's id when the tokenizer has it as one token, else the ids of its literal text."""
-    i = tok.token_to_id(text)
-    return [i] if i is not None else tok.encode(text)
-
-
-def render_chat(template: str, prompt: str, answer: str, tok) -> tuple[list[int], list[int]]:
-    """Token ids of (prompt part, answer part) of one exchange; the prompt starts with bos if there is one.
-
-    chatml: ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`` + ``{answer}<|im_end|>\\n``;
-    plain: ``{prompt}\\n`` + ``{answer}<eos>``.
-    """
-    prompt_ids = [tok.bos_id] if tok.bos_id is not None else []
-    if template == "chatml":
-        start, end = _special(tok, "<|im_start|>"), _special(tok, "<|im_end|>")
-        newline = tok.encode("\n")
-        prompt_ids += start + tok.encode("user\n" + prompt) + end + newline + start + tok.encode("assistant\n")
-        answer_ids = tok.encode(answer) + end + newline
-    elif template == "plain":
-        prompt_ids += tok.encode(prompt + "\n")
-        answer_ids = tok.encode(answer) + ([tok.eos_id] if tok.eos_id is not None else [])
-    else:
-        raise ValueError(f"unknown chat template {template!r} (expected 'chatml' or 'plain')")
-    return prompt_ids, answer_ids
 
 
 # ------------------------------------------------------------------------------------------------ SFT JSONL
@@ -69,12 +42,13 @@ def split_file(directory: str | Path, split: str) -> Path:
     return Path(directory) / SPLIT_FILES[split]
 
 
-def read_sft_jsonl(file: str | Path) -> list[tuple[str, str]]:
-    """(input, output) string pairs of a JSONL file; a malformed line raises ValueError naming file and line."""
+def read_sft_records(file: str | Path) -> list[tuple[str, str, dict]]:
+    """(input, output, the whole row) of every line of a JSONL file; the row carries any metadata fields.
+    A malformed line raises ValueError naming file and line."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"SFT data file not found: {file}")
-    pairs = []
+    records = []
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -89,12 +63,17 @@ def read_sft_jsonl(file: str | Path) -> list[tuple[str, str]]:
                 if a in obj and b in obj:
                     if not (isinstance(obj[a], str) and isinstance(obj[b], str)):
                         raise ValueError(f"{file}, line {lineno}: fields {a!r} and {b!r} must be strings")
-                    pairs.append((obj[a], obj[b]))
+                    records.append((obj[a], obj[b], obj))
                     break
             else:
                 raise ValueError(f"{file}, line {lineno}: needs string fields 'input' and 'output' "
                                  f"(or 'prompt' and 'completion'); found {sorted(obj)}")
-    return pairs
+    return records
+
+
+def read_sft_jsonl(file: str | Path) -> list[tuple[str, str]]:
+    """(input, output) string pairs of a JSONL file; a malformed line raises ValueError naming file and line."""
+    return [(i, o) for i, o, _ in read_sft_records(file)]
 
 
 def load_sft_split(directory: str | Path, split: str, tok, template: str = "chatml") -> list[tuple[list[int], list[int]]]:
@@ -279,6 +258,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "moe-launch" / "data"
 
 
+def sft_directory(data_cfg, cache_dir: str | Path | None = None) -> Path:
+    """The directory holding an SFT recipe's training/validation/test.jsonl (``path=None``: the smoke data)."""
+    if data_cfg.path is None:
+        from trainer.smoke_data import ensure_smoke_dataset
+
+        return ensure_smoke_dataset(cache_dir if cache_dir is not None else default_cache_dir())
+    return Path(data_cfg.path).expanduser()
+
+
 def build_dataset(data_cfg, tokenizer, split: str = "training", cache_dir: str | Path | None = None):
     """The rows of one split for a recipe's ``Data`` section (``path=None``: the generated smoke SFT data)."""
     if data_cfg.kind == "pretrain":
@@ -287,13 +275,7 @@ def build_dataset(data_cfg, tokenizer, split: str = "training", cache_dir: str |
         return TokenFileDataset(data_cfg.path, data_cfg.seq_length)
     if data_cfg.kind != "sft":
         raise ValueError(f"unknown data.kind {data_cfg.kind!r} (expected 'sft' or 'pretrain')")
-    if data_cfg.path is None:
-        from trainer.smoke_data import ensure_smoke_dataset
-
-        directory = ensure_smoke_dataset(cache_dir if cache_dir is not None else default_cache_dir())
-    else:
-        directory = Path(data_cfg.path).expanduser()
-    samples = load_sft_split(directory, split, tokenizer, data_cfg.template)
+    samples = load_sft_split(sft_directory(data_cfg, cache_dir), split, tokenizer, data_cfg.template)
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     return SFTDataset(samples, data_cfg.seq_length, pad_id, data_cfg.answer_only_loss, data_cfg.packing)
 

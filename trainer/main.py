@@ -10,15 +10,12 @@ the job refuses (resume into an incompatible layout, a bad run directory); anyth
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import socket
 import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
+from trainer.entry import EXIT_CODE_FILE, EXIT_REFUSED, init_distributed, run_entry
 from trainer.lora import apply_lora, freeze_in_bf16, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib, static_bytes
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
@@ -40,8 +38,6 @@ from trainer.pipeline import PipelineRankModel, build_schedule, build_stages, sh
 from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
 from trainer.tokenizer import load_tokenizer
 
-EXIT_REFUSED = 2
-EXIT_CODE_FILE = "EXIT_CODE"  # "<code> <reason>": torchrun reports any failed worker as 1, the job script reads this
 
 
 class StopFlag:
@@ -118,10 +114,7 @@ def _ranks_per_node(nodes: list[str]) -> str:
 def train(run_dir: Path) -> int:
     recipe, profile, plan = load_run(run_dir)
     layout = plan["layout"]
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if profile.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+    device = init_distributed(profile.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     expected = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
     if world != expected:
@@ -281,29 +274,8 @@ def train(run_dir: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.main")
-    ap.add_argument("--run-dir", required=True, type=Path)
-    args = ap.parse_args(argv)
-    code = 1
-    try:
-        code = train(args.run_dir)
-    except SystemExit as exc:
-        print(exc, file=sys.stderr, flush=True)
-        code = EXIT_REFUSED if isinstance(exc.code, str) else (exc.code or 0)
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    if code not in (0, 1) and os.environ.get("RANK", "0") == "0" and not (args.run_dir / EXIT_CODE_FILE).exists():
-        (args.run_dir / EXIT_CODE_FILE).write_text(f"{code} refused (see the message above)\n")
-    if dist.is_initialized():
-        if code in (0, REQUEUE_EXIT_CODE):
-            dist.barrier()  # only on success: a failed peer would leave this waiting
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # os._exit: a finished gloo job can otherwise abort in a worker thread during interpreter shutdown
-    os._exit(code)
+def main(argv: list[str] | None = None) -> None:
+    run_entry("python -m trainer.main", train, argv, success=(0, REQUEUE_EXIT_CODE))
 
 
 if __name__ == "__main__":

@@ -159,3 +159,58 @@ def load_tokenizer(spec: str):
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path does not exist: {path} (data.tokenizer must be 'byte' or a tokenizer.json / its directory)")
     return HFTokenizer(path)
+
+
+# ------------------------------------------------------------------------------ Hugging Face files
+# What a model directory carries of its tokenizer (copied as they are, when the run's tokenizer has them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (what the ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def byte_tokenizer_json() -> str:
+    """The built-in byte tokenizer as a ``tokenizers`` tokenizer.json with identical ids: byte-level BPE
+    with one token per byte and no merges, the five special tokens as added tokens 256..260."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = _gpt2_byte_chars()
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ByteTokenizer.SPECIAL_TOKENS])
+    return tok.to_str()
+
+
+def write_hf_tokenizer(spec: str, out: Path, chat_template: str | None, model_max_length: int) -> list[str]:
+    """Write the run's tokenizer into a Hugging Face model directory ``out``; returns the file names.
+
+    The byte tokenizer becomes an equivalent tokenizer.json; a tokenizer directory's files are copied.
+    ``chat_template`` (the run's training template, as Jinja) replaces the one in tokenizer_config.json:
+    the fine-tuned model answers in the format it was trained on.
+    """
+    import shutil
+
+    out = Path(out)
+    tok = load_tokenizer(spec)
+    if isinstance(tok, ByteTokenizer):
+        (out / "tokenizer.json").write_text(byte_tokenizer_json(), encoding="utf-8")
+        special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False}
+        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    else:
+        src = tok.path.parent
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)
+        config = HFTokenizer._read_config(src / "tokenizer_config.json") or {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config["model_max_length"] = model_max_length
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return sorted(p.name for p in out.iterdir() if p.name in TOKENIZER_FILES)

@@ -1,0 +1,64 @@
+"""Hugging Face ``config.json`` <-> :class:`ModelConfig` (torch-free: the launcher reads model directories with it).
+
+transformers v4 writes YaRN settings as ``rope_scaling``, v5 as ``rope_parameters``; both are read,
+and both are written so either version loads our exports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model.config import ModelConfig, RopeScaling
+
+_HF_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "scoring_func",
+              "topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha",
+              "rms_norm_eps", "max_position_embeddings", "num_nextn_predict_layers", "tie_word_embeddings",
+              "initializer_range"]
+_ROPE_FIELDS = ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"]
+
+
+def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
+    """ModelConfig from a config.json dict (transformers v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
+    fields = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
+    cfg = ModelConfig(name=name, **fields)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "yarn":
+        cfg.rope_scaling = RopeScaling(
+            factor=float(rope["factor"]), original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"), attention_factor=rope.get("attention_factor"))
+    elif kind in ("default", None):
+        cfg.rope_scaling = None
+    else:
+        raise ValueError(f"rope type {kind!r} is not used by the DeepSeek-V3 family (yarn or default)")
+    if "n_routed_experts" in hf and hf.get("n_routed_experts") is None:
+        cfg.n_routed_experts = 0
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "bfloat16", bos_token_id: int | None = 0, eos_token_id: int | None = 1) -> dict:
+    """config.json for DeepseekV3ForCausalLM, readable by transformers v4 and v5 (no quantization section)."""
+    hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
+          "num_key_value_heads": cfg.num_attention_heads, "attention_bias": False, "attention_dropout": 0.0,
+          "moe_layer_freq": 1, "rope_interleave": True, "torch_dtype": dtype, "bos_token_id": bos_token_id,
+          "eos_token_id": eos_token_id}
+    hf.update({k: getattr(cfg, k) for k in _HF_FIELDS})
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope = {"rope_type": "yarn", "type": "yarn", "rope_theta": cfg.rope_theta,
+                **{k: getattr(rs, k) for k in _ROPE_FIELDS if getattr(rs, k) is not None}}
+    hf["rope_parameters"] = rope
+    hf["rope_scaling"] = None if cfg.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    hf["rope_theta"] = cfg.rope_theta
+    return hf
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    return config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
