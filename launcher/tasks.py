@@ -323,9 +323,14 @@ class Source:
 
 def source_of(spec: str, root: Path, allow_hf: bool, pending: dict[str, Recipe] | None = None) -> Source:
     if pending and spec in pending:
-        return Source(Path(spec), "run", pending[spec], pending=True)
-    path, kind = resolve_source(spec, root, allow_hf)
-    return Source(path, kind, load_run_recipe(path) if kind == "run" else None)
+        src = Source(Path(spec), "run", pending[spec], pending=True)
+    else:
+        path, kind = resolve_source(spec, root, allow_hf)
+        src = Source(path, kind, load_run_recipe(path) if kind == "run" else None)
+    if src.recipe is not None and src.recipe.backend.name != "native":
+        raise UserError(f"run {src.path.name} trained with the {src.recipe.backend.name} backend: its checkpoints are "
+                        f"{src.recipe.backend.name}'s own format, which export, generate and eval do not read", "RUN")
+    return src
 
 
 def _checkpoint(task: Task, src: Source, step: int | None) -> None:
