@@ -28,13 +28,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
 
 class _RegionPlanner(LoadPlanner):
     """Loads the requested regions ({fqn: (offsets, destination tensor)}) and nothing else."""

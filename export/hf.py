@@ -18,6 +18,7 @@ directory named ``OUT`` is always complete.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -58,10 +59,7 @@ class HubTensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 def plan_tensors(tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: torch.dtype, adapters: str = "refuse") -> list[HubTensor]:

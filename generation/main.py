@@ -20,6 +20,7 @@ from launcher.cluster import ClusterProfile
 from launcher.config_io import load_yaml_into
 from launcher.errors import UserError
 from launcher.tasks import PROMPTS_FILE, load_task, resolve_at_start
+from trainer.chat import stop_ids
 from trainer.entry import init_distributed, run_entry
 
 
@@ -58,22 +59,17 @@ def run(run_dir: Path) -> int:
     merged = {k: v for part in everyone for k, v in part.items()}
     out = Path(task.out) if task.out else run_dir / "generations.jsonl"
     tmp = out.with_name(out.name + ".partial")
+    stops = set(stop_ids(opened.template, opened.tokenizer))
     with open(tmp, "w", encoding="utf-8") as f:
         for i, r in enumerate(rows):
             res = merged[i]
-            text = opened.tokenizer.decode([t for t in res["tokens"] if t not in _stops(opened)])
+            text = opened.tokenizer.decode([t for t in res["tokens"] if t not in stops])
             f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "output": text, "new_tokens": len(res["tokens"]),
                                 "finish": res["finish"]}, ensure_ascii=False) + "\n")
             log(f"--- [{r['id']}] {r['prompt']!r}\n{text}", flush=True)
     tmp.rename(out)
     log(f"moe-launch: generate: {len(rows)} answer(s) in {time.perf_counter() - t0:.1f} s -> {out}", flush=True)
     return 0
-
-
-def _stops(opened) -> set[int]:
-    from trainer.chat import stop_ids
-
-    return set(stop_ids(opened.template if opened.template != "raw" else None, opened.tokenizer))
 
 
 def main(argv: list[str] | None = None) -> None:

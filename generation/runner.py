@@ -69,7 +69,7 @@ def answer(opened: Opened, task: Task, prompts: dict[int, list[int]], device: to
     """{key: prompt ids} (this rank's share) -> {key: {"tokens", "finish"}}. ``finish``: stop (a stop token),
     length (max_new_tokens or the model's positions) or too_long (the prompt fills the positions: not run)."""
     tok, cfg = opened.tokenizer, opened.cfg
-    stops = stop_ids(opened.template if opened.template != "raw" else None, tok)
+    stops = stop_ids(opened.template, tok)
     pad = next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
     results: dict[int, dict] = {}
     runnable = []

@@ -105,3 +105,18 @@ def apply_dotlist(obj: T, overrides: list[str], where: str = "override ") -> T:
 def to_yaml(obj: Any) -> str:
     """YAML of a dataclass config (what OmegaConf.to_yaml gives, without building a structured config: 10x faster)."""
     return yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False, default_flow_style=None, width=120)
+
+
+def read_jsonl(file: Path) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON Lines file. ValueError names the line of bad JSON."""
+    import json
+
+    rows = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    return rows

@@ -159,19 +159,16 @@ def read_prompts(file: Path) -> list[dict]:
     """Prompts of a JSONL file: each line an object with "prompt" (or "input") and optionally "id"."""
     if not file.is_file():
         raise UserError(f"no such file {file}", "--input")
+    try:
+        lines = config_io.read_jsonl(file)
+    except ValueError as exc:
+        raise UserError(str(exc), f"--input {file}") from None
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"line {lineno}: invalid JSON: {e.msg}", f"--input {file}") from None
-            text = obj.get("prompt", obj.get("input")) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"line {lineno}: needs a string field \"prompt\" (or \"input\")", f"--input {file}")
-            rows.append({"id": obj.get("id", len(rows)), "prompt": text})
+    for lineno, obj in lines:
+        text = obj.get("prompt", obj.get("input")) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"line {lineno}: needs a string field \"prompt\" (or \"input\")", f"--input {file}")
+        rows.append({"id": obj.get("id", len(rows)), "prompt": text})
     if not rows:
         raise UserError("has no prompts", f"--input {file}")
     return rows

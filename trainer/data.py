@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from launcher.config_io import read_jsonl
 from model.transformer import IGNORE_INDEX
 from trainer.chat import render_chat
 
@@ -48,26 +49,23 @@ def read_sft_records(file: str | Path) -> list[tuple[str, str, dict]]:
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"SFT data file not found: {file}")
+    try:
+        lines = read_jsonl(file)
+    except ValueError as e:
+        raise ValueError(f"{file}, {e}") from None
     records = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}, line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{file}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            for a, b in _FIELD_PAIRS:
-                if a in obj and b in obj:
-                    if not (isinstance(obj[a], str) and isinstance(obj[b], str)):
-                        raise ValueError(f"{file}, line {lineno}: fields {a!r} and {b!r} must be strings")
-                    records.append((obj[a], obj[b], obj))
-                    break
-            else:
-                raise ValueError(f"{file}, line {lineno}: needs string fields 'input' and 'output' "
-                                 f"(or 'prompt' and 'completion'); found {sorted(obj)}")
+    for lineno, obj in lines:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{file}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        for a, b in _FIELD_PAIRS:
+            if a in obj and b in obj:
+                if not (isinstance(obj[a], str) and isinstance(obj[b], str)):
+                    raise ValueError(f"{file}, line {lineno}: fields {a!r} and {b!r} must be strings")
+                records.append((obj[a], obj[b], obj))
+                break
+        else:
+            raise ValueError(f"{file}, line {lineno}: needs string fields 'input' and 'output' "
+                             f"(or 'prompt' and 'completion'); found {sorted(obj)}")
     return records
 
 
