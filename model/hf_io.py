@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint interop: config.json <-> ModelConfig, safetensors shards <-> our model.
+"""Hugging Face checkpoint interop: safetensors shards <-> our model (config.json: model/hf_config.py).
 
 Hub layout (what ``save_pretrained`` writes and DeepSeek publishes):
   model.embed_tokens.weight, model.layers.L.<module>..., model.norm.weight, lm_head.weight
