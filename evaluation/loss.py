@@ -49,7 +49,8 @@ def split_loss(model, dataset, micro_batch_size: int, device, dp_rank: int = 0, 
 
 def evaluate(run_dir: Path, split: str = "validation", ckpt: Path | None = None, max_batches: int | None = None) -> dict:
     from generation.loading import load_model
-    from launcher.tasks import choose_checkpoint, load_run_recipe
+    from launcher.resume import choose_checkpoint
+    from launcher.rundir import load_run_recipe
     from trainer.data import build_dataset
     from trainer.tokenizer import load_tokenizer
 

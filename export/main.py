@@ -18,7 +18,8 @@ from export.hf import DTYPES, ExportRefused, begin, finish, plan_shards, plan_te
 from export.peft import hf_base, write_adapter
 from launcher.errors import UserError
 from launcher.memory import fmt_bytes
-from launcher.tasks import load_run_recipe, load_task, resolve_at_start
+from launcher.rundir import load_run_recipe
+from launcher.tasks import load_task, resolve_at_start
 from trainer.entry import init_distributed, run_entry
 
 

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from generation.decode import generate
 from generation.loading import load_model
-from launcher.tasks import Task, load_run_recipe, prompt_ids
+from launcher.rundir import load_run_recipe
+from launcher.tasks import Task, prompt_ids
 from trainer.chat import render_chat, stop_ids
 from trainer.parallel import seeded_generator
 

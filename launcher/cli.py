@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher import cluster, recipe_loader, rundir
+from launcher import cluster, recipe_loader, resume, rundir
 from launcher.errors import EXIT_USAGE, UserError
 from launcher.recipe import Recipe
 
@@ -155,6 +155,7 @@ def cmd_plan(argv: list[str]) -> int:
         profile = dataclasses.replace(profile, nodes=args.nodes)
     recipe, recipe_path = recipe_loader.load_recipe(args.recipe)
     recipe = recipe_loader.apply_overrides(recipe, args.overrides)
+    recipe = resume.resolve_load(recipe, rundir.runs_root(None, profile.runs_dir))
     pre = run_preflight(recipe, profile)
     if pre.layout is not None and pre.memory is not None:
         for line in summary(recipe, args.recipe, profile, pre, plan_dict(recipe, profile, pre)):
@@ -185,43 +186,112 @@ def cmd_plan(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
-def _follow_parser(name: str, help_run: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"launch {name}")
-    p.add_argument("run", nargs="?", help=help_run)
-    p.add_argument("--runs-dir", help="where run directories are (default: $MOE_LAUNCH_RUNS, then ./runs)")
+FOLLOW_HELP = {
+    "list": ("Recent runs (newest first) with their cluster, job id, state and DP; dry runs only with --all.",
+             "launch list --state failed --since 2d        launch list --cluster h100-8x64 --recipe 'dsv3-*'"),
+    "status": ("A run's state (Slurm: scontrol, then sacct, then sacct -c; local: its record), and for a failed run "
+               "the first error line and the log that holds its traceback.", "launch status        launch status 1234"),
+    "logs": ("The job's output (the trainer's console); -f follows it until the job has ended.", "launch logs -f"),
+    "cancel": ("Cancel the run's job: scancel on Slurm, SIGTERM to a local run (its ranks checkpoint at the end of the "
+               "step; `launch resume` continues it).", "launch cancel 20261202-101500-smoke-local"),
+}
+
+
+def _follow_parser(name: str) -> argparse.ArgumentParser:
+    description, example = FOLLOW_HELP[name]
+    p = argparse.ArgumentParser(prog=f"launch {name}", description=description, epilog=f"example: {example}")
+    if name != "list":
+        p.add_argument("run", nargs="?", help="run directory, run name or Slurm job id (default: the newest run)")
+    p.add_argument("--runs-dir", help="where run directories are (default: $MOE_LAUNCH_RUNS or ./runs, and every profile's runs_dir)")
+    p.add_argument("--cluster", "-c", help="look in this profile's runs_dir (and ./runs)")
     if name == "logs":
         p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job has ended")
+    if name == "list":
+        p.add_argument("--state", help="only these states, comma-separated (e.g. failed,running; a prefix is enough)")
+        p.add_argument("--recipe", help="only runs of recipes matching this name or glob (e.g. 'dsv3-*')")
+        p.add_argument("--since", help="only runs started since: a date (2026-12-01), a time (2026-12-01T14:00) or an age (90m, 6h, 2d)")
+        p.add_argument("--all", action="store_true", help="include dry runs (marked 'dry run')")
+        p.add_argument("--limit", type=int, default=20, help="show at most N runs (default 20; 0: all)")
     return p
+
+
+def _since(text: str):
+    import datetime as dt
+    import re
+
+    m = re.fullmatch(r"(\d+)([mhd])", text)
+    if m:
+        unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return dt.datetime.now() - dt.timedelta(**{unit: int(m.group(1))})
+    try:
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{text!r} is not a date (2026-12-01), a time (2026-12-01T14:00) or an age (90m, 6h, 2d)", "--since") from None
+
+
+def _list_runs(jobs, args) -> int:
+    import datetime as dt
+    import fnmatch
+
+    from launcher.plan import format_table
+
+    roots = jobs.runs_roots(args.runs_dir, args.cluster)
+    since = _since(args.since) if args.since else None
+    states = [x.strip().lower() for x in args.state.split(",")] if args.state else None
+    rows = []
+    for run in jobs.runs_in(roots):
+        if not args.all and jobs.is_dry_run(run):
+            continue
+        if since is not None:
+            try:
+                if dt.datetime.strptime(run.name[:15], "%Y%m%d-%H%M%S") < since:
+                    continue
+            except ValueError:
+                continue
+        if args.recipe and not fnmatch.fnmatchcase(jobs.recipe_name(run), args.recipe):
+            continue
+        if args.cluster and (rundir.read(run, "plan.yaml") if (run / "plan.yaml").exists() else {}).get("cluster") != args.cluster:
+            continue
+        row = jobs.summary_row(run)
+        if states and not any(row[3].lower().startswith(s) for s in states):
+            continue
+        rows.append(row)
+        if args.limit and len(rows) >= args.limit:
+            break
+    if not rows:
+        print(f"no runs under {' or '.join(map(str, roots))}" + (" matching the filters" if any((states, since, args.recipe)) else ""))
+        return 0
+    for line in format_table([["run", "cluster", "job", "state", "dp"], *rows], left=2):
+        print(line)
+    return 0
 
 
 def cmd_follow(name: str, argv: list[str]) -> int:
     """``launch status|logs|cancel|list``: follow jobs through their run directories."""
-    from launcher import jobs
+    from launcher import jobs, local_exec
 
-    args = _follow_parser(name, "run directory, run name or Slurm job id (default: the newest run)").parse_args(argv)
-    root = rundir.runs_root(args.runs_dir, None)
+    args = _follow_parser(name).parse_args(argv)
     if name == "list":
-        from launcher.plan import format_table
-
-        rows = [jobs.summary_row(run) for run in jobs.runs_in(root)[:20]]
-        if not rows:
-            print(f"no runs under {root}")
-            return 0
-        for line in format_table([["run", "cluster", "job", "state", "dp"], *rows], left=2):
-            print(line)
-        return 0
-    run = jobs.find_run(args.run, root)
+        return _list_runs(jobs, args)
+    run = jobs.find_run(args.run, jobs.runs_roots(args.runs_dir, args.cluster))
     job = jobs.job_id_of(run)
     if name == "status":
-        st = jobs.status(job) if job else None
-        print(f"run {run}")
-        print(st.line() if st else (f"job {job}: unknown to Slurm (too old?)" if job else jobs.local_state(run)))
+        rs = jobs.run_state(run)
+        print(f"run    {run}")
+        print(f"state  {rs.state}: {rs.detail}" if rs.detail else f"state  {rs.state}")
+        if rs.error:
+            print(f"error  {rs.error}")
+        if rs.log:
+            print(f"log    {rs.log}")
         return 0
     if name == "cancel":
-        if not job:
-            raise UserError(f"{run.name} was not submitted to Slurm (nothing to cancel)", "RUN")
-        jobs.cancel(job)
-        print(f"cancelled job {job} ({run.name})")
+        if job:
+            jobs.cancel(job)
+            print(f"cancelled job {job} ({run.name})")
+        elif local_exec.cancel(run):
+            print(f"asked local run {run.name} to stop: its ranks checkpoint at the end of the step (`launch resume` continues it)")
+        else:
+            raise UserError(f"{run.name} is not running (nothing to cancel)", "RUN")
         return 0
     return _print_log(jobs, run, job, args.follow)
 
@@ -250,6 +320,40 @@ def _print_log(jobs, run: Path, job: str | None, follow: bool) -> int:
 def _no_log(path: Path) -> int:
     print(f"launch: no log yet at {path}", file=sys.stderr)
     return 0
+
+
+def cmd_resume(argv: list[str]) -> int:
+    """``launch resume RUN [key=value ...]``: a new attempt of a run in its own directory."""
+    from launcher import jobs, slurm, submission
+
+    p = argparse.ArgumentParser(
+        prog="launch resume", description="Continue a training run in its own directory from its newest checkpoint: a new "
+        "attempt (the earlier one's job files move to attempts/<n>/), the same metrics and checkpoints. Overrides may change "
+        "what the checkpoint can take (steps, DP/EP layout, lr schedule, ...); a change it cannot take is refused.",
+        epilog="example: launch resume 20261202-101500-smoke-local train.max_steps=120")
+    p.add_argument("run", help="run directory, run name or Slurm job id")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for this attempt")
+    p.add_argument("--cluster", "-c", help="resume on this profile (default: the one the run used)")
+    p.add_argument("--runs-dir", help="where run directories are (default: $MOE_LAUNCH_RUNS or ./runs, and every profile's runs_dir)")
+    p.add_argument("--dry-run", action="store_true", help="check and render; print the script; change and submit nothing")
+    p.add_argument("--ignore-memory", action="store_true", help="resume although the memory estimate says it won't fit")
+    args = p.parse_intermixed_args(argv)
+    run_dir = jobs.find_run(args.run, jobs.runs_roots(args.runs_dir, None))
+    profile = cluster.load_profile(args.cluster)[0] if args.cluster else None
+    run = submission.resume_run(run_dir, args.overrides, profile, ["resume", *argv], args.dry_run, not args.ignore_memory)
+    out = sys.stderr if args.dry_run else sys.stdout
+    for line in run.lines:
+        print(line, file=out)
+    if args.dry_run:
+        print("dry run: nothing changed or submitted", file=out)
+        sys.stdout.write(run.files[run.script_name])
+        return 0
+    if run.script_name == "job.sbatch":
+        job = slurm.submit(run_dir / run.script_name)
+        (run_dir / "submission.yaml").write_text(rundir.dump({"job_id": job}))
+        print(f"submitted job {job}: {run_dir.name}", file=out)
+        return 0
+    return submission.run_locally([run], False)
 
 
 # ------------------------------------------------------------------------------ jobs on a trained model
@@ -316,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_follow(argv[0], argv[1:])
         if argv[:1] and argv[0] in ("export", "generate", "eval"):
             return cmd_task(argv[0], argv[1:])
+        if argv[:1] == ["resume"]:
+            return cmd_resume(argv[1:])
         args = _parser().parse_intermixed_args(argv)
         return cmd_launch(args, argv)
     except UserError as exc:

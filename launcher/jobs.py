@@ -7,6 +7,8 @@ when accounting storage is disabled).
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,35 +67,61 @@ def cancel(job_id: str) -> None:
 
 
 # ----------------------------------------------------------------------------- run directories
+def runs_roots(cli_value: str | None, cluster: str | None = None) -> list[Path]:
+    """Where to look for runs: ``--runs-dir``; else ``$MOE_LAUNCH_RUNS`` or ./runs, plus the ``runs_dir`` of
+    the profile named by ``--cluster`` (or, without one, of every profile on the search path)."""
+    from launcher import cluster as clusters
+    from launcher.errors import UserError as _UserError
+    from launcher.rundir import runs_root
+
+    if cli_value:
+        return [runs_root(cli_value, None)]
+    roots = [runs_root(None, None)]
+    names = [cluster] if cluster else clusters.available()
+    for name in names:
+        try:
+            prof, _ = clusters.load_profile(name)
+        except _UserError:
+            if cluster:
+                raise
+            continue  # a broken profile elsewhere on the path does not stop `launch list`
+        if prof.runs_dir:
+            roots.append(runs_root(None, prof.runs_dir))
+    return list(dict.fromkeys(roots))
+
+
 def job_id_of(run: Path) -> str | None:
     sub = run / "submission.yaml"
     return str(yaml.safe_load(sub.read_text())["job_id"]) if sub.exists() else None
 
 
-def runs_in(root: Path) -> list[Path]:
-    """Run directories under ``root``, newest first."""
-    if not root.is_dir():
-        return []
-    runs = [p for p in root.iterdir() if p.is_dir() and (p / "meta.yaml").exists()]
+def runs_in(roots: Path | list[Path]) -> list[Path]:
+    """Run directories under ``roots``, newest first."""
+    runs = []
+    for root in [roots] if isinstance(roots, Path) else roots:
+        if root.is_dir():
+            runs += [p for p in root.iterdir() if p.is_dir() and (p / "meta.yaml").exists()]
     # by time stamp, then by creation (the runs of one launch share a stamp: sweep points, pipeline stages)
     return sorted(runs, key=lambda p: (p.name[:15], (p / "meta.yaml").stat().st_mtime_ns, p.name), reverse=True)
 
 
-def find_run(spec: str | None, root: Path) -> Path:
-    """A run directory from a path, a run name under ``root``, a Slurm job id, or (None) the newest run."""
+def find_run(spec: str | None, roots: Path | list[Path]) -> Path:
+    """A run directory from a path, a run name under one of ``roots``, a Slurm job id, or (None) the newest run."""
+    roots = [roots] if isinstance(roots, Path) else roots
+    where = " or ".join(str(r) for r in roots)
     if spec is None:
-        runs = runs_in(root)
+        runs = [r for r in runs_in(roots) if not is_dry_run(r)]
         if not runs:
-            raise UserError(f"no runs under {root}; pass a run directory or use --runs-dir", "RUN")
+            raise UserError(f"no runs under {where}; pass a run directory or use --runs-dir", "RUN")
         return runs[0]
-    for candidate in (Path(spec), root / spec):
+    for candidate in (Path(spec), *(root / spec for root in roots)):
         if (candidate / "meta.yaml").exists():
-            return candidate
-    if spec.isdigit():
-        for run in runs_in(root):
+            return candidate.absolute()
+    if spec.isdigit() or re.fullmatch(r"\d+_\d+", spec):
+        for run in runs_in(roots):
             if job_id_of(run) == spec:
                 return run
-    raise UserError(f"{spec!r} is not a run directory, a run under {root}, or the job id of one", "RUN")
+    raise UserError(f"{spec!r} is not a run directory, a run under {where}, or the job id of one", "RUN")
 
 
 def log_file(run: Path) -> Path:
@@ -101,27 +129,100 @@ def log_file(run: Path) -> Path:
     return run / "logs" / (f"slurm-{job}.out" if job else "job.out")
 
 
-def local_state(run: Path) -> str:
-    """What a local run's files say: steps done, and how it ended if it did."""
+def is_dry_run(run: Path) -> bool:
+    meta = yaml.safe_load((run / "meta.yaml").read_text()) or {}
+    return bool(meta.get("dry_run")) and not (run / "submission.yaml").exists() and not (run / "local.yaml").exists()
+
+
+def metrics_tail(run: Path) -> tuple[int, dict | None]:
+    """(steps logged, the last record)."""
     metrics = run / "metrics.jsonl"
-    steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-    code = (run / "EXIT_CODE").read_text().split(" ", 1)[0] if (run / "EXIT_CODE").exists() else None
-    return f"local, {steps} steps" + (f", exit {code}" if code else "")
+    if not metrics.exists():
+        return 0, None
+    lines = metrics.read_text().splitlines()
+    return len(lines), (json.loads(lines[-1]) if lines else None)
+
+
+_ERROR_LINE = re.compile(r"^(moe-launch: error: .*|[A-Za-z_.]*(Error|Exception)\b.*: .*)$")
+
+
+def first_error(run: Path) -> tuple[str | None, Path | None]:
+    """The first real error of a failed run and the log that holds the whole story: EXIT_CODE's line (written
+    by the first failing rank, or a node check), with the rank log holding its traceback; else the first error
+    line of the job's log or of torchrun's own logs."""
+    exit_file = run / "EXIT_CODE"
+    if exit_file.exists():
+        code, _, reason = exit_file.read_text().strip().partition(" ")
+        if code not in ("0", "75") and reason:
+            ranks = sorted((run / "logs" / "ranks").rglob("stderr.log"), key=lambda p: p.stat().st_mtime)
+            holder = next((p for p in ranks if "moe-launch: error:" in p.read_text(errors="replace")), None)
+            return reason, holder or log_file(run)
+    for log in [log_file(run), *sorted((run / "logs").glob("torchrun*.log"))]:
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if _ERROR_LINE.match(line.strip()) and "exited 0" not in line:
+                    return line.strip().removeprefix("moe-launch: error: "), log
+    return None, None
+
+
+@dataclass
+class RunState:
+    """Where a run stands, from Slurm or the local executor's record: one line, and the failure's cause."""
+
+    state: str  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, STOPPED, ... ; "dry run"; UNKNOWN
+    detail: str = ""
+    error: str | None = None
+    log: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state.split()[0] in ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE")
+
+
+def run_state(run: Path) -> RunState:
+    from launcher import local_exec
+
+    job = job_id_of(run)
+    steps, last = metrics_tail(run)
+    progress = f"{steps} steps" + (f", loss {last['loss']:.4f}" if last and "loss" in last else "")
+    if job:
+        try:
+            st = status(job)
+        except UserError:
+            return RunState("? (Slurm unreachable)", f"job {job}")
+        if st is None:
+            return RunState("UNKNOWN", f"job {job}: forgotten by Slurm (too old?); {progress}")
+        rs = RunState(st.state, st.line() + f"; {progress}")
+    else:
+        local = local_exec.read_state(run)
+        if local is None:
+            if is_dry_run(run):
+                return RunState("dry run", "checked and rendered, never run")
+            local = {"state": "UNKNOWN"}  # run before runs kept a record, or by hand
+        state, code = local["state"], local.get("exit_code")
+        if state == "RUNNING" and not local_exec.alive(local):
+            state = "UNKNOWN"  # the process that ran it is gone without recording an end
+        if state == "UNKNOWN" and (run / "EXIT_CODE").exists():
+            code = (run / "EXIT_CODE").read_text().split(" ", 1)[0]
+            state = "FAILED" if code not in ("0", "75") else state
+        if state == "FAILED" and code is not None:
+            state = f"FAILED exit {code}"
+        rs = RunState(state, f"local on {local.get('host')}, started {local.get('started')}"
+                      + (f", ended {local['ended']}, exit {code}" if local.get("ended") else "") + f"; {progress}")
+    if rs.failed or rs.state == "UNKNOWN":
+        rs.error, rs.log = first_error(run)
+    return rs
+
+
+def recipe_name(run: Path) -> str:
+    """The recipe a run trained (a job on a trained model: "<kind>-<recipe>", its run directory label)."""
+    if (run / "recipe.yaml").exists():
+        return (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("name", "?")
+    meta = yaml.safe_load((run / "meta.yaml").read_text()) or {}
+    return (meta.get("task") or {}).get("kind", "?")
 
 
 def summary_row(run: Path) -> list[str]:
-    meta = yaml.safe_load((run / "meta.yaml").read_text())
-    job = job_id_of(run)
-    if meta.get("dry_run"):
-        state = "dry run"
-    elif job:
-        try:
-            st = status(job)
-            state = st.state if st else "unknown (forgotten by Slurm)"
-        except UserError:
-            state = "? (Slurm unreachable)"
-    else:
-        state = local_state(run)
     plan = yaml.safe_load((run / "plan.yaml").read_text()) if (run / "plan.yaml").exists() else {}
     dp = plan.get("layout", {}).get("dp")
-    return [run.name, plan.get("cluster", "?"), job or "-", state, str(dp) if dp is not None else "-"]
+    return [run.name, plan.get("cluster", "?"), job_id_of(run) or "-", run_state(run).state, str(dp) if dp is not None else "-"]

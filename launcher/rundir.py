@@ -73,3 +73,17 @@ def dump(data: object) -> str:
 
 def read(run_dir: Path, name: str) -> dict:
     return yaml.safe_load((run_dir / name).read_text()) or {}
+
+
+def load_run_recipe(run: Path):
+    """A training run's resolved recipe (``recipe.yaml``), type-checked."""
+    from launcher import config_io
+    from launcher.recipe import Recipe
+
+    if not (run / "recipe.yaml").is_file():
+        raise UserError(f"{run} has no recipe.yaml: not a training run", "RUN")
+    return config_io.load_yaml_into(Recipe, run / "recipe.yaml")
+
+
+def is_run(path: Path) -> bool:
+    return (path / "meta.yaml").is_file()

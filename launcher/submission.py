@@ -16,13 +16,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher import config_io, provenance, recipe_loader, rundir
+from launcher import config_io, provenance, recipe_loader, resume, rundir
 from launcher.cluster import ClusterProfile, check_sbatch_value, check_slurm_fields
 from launcher.errors import UserError
 from launcher.pipeline import Pipeline, Stage, placeholders
 from launcher.plan import plan_dict, summary
 from launcher.preflight import Preflight, run_preflight
-from launcher.recipe import Recipe
+from launcher.recipe import Recipe, fingerprint
 from launcher.render import RenderInput, Shell, environment, render
 
 
@@ -104,6 +104,7 @@ def plan_runs(runs: list[Run], profile: ClusterProfile, root: Path, memory_check
             run.recipe = recipe_loader.apply_overrides(recipe, ov)
         if run.recipe is not None:
             earlier = tuple(str(r.run_dir) for r in runs[:runs.index(run)] if r.stage)  # written before this one starts
+            run.recipe = resume.resolve_load(run.recipe, root, earlier)  # checkpoint.load=RUN[:STEP] -> its checkpoint
             run.pre = run_preflight(run.recipe, profile, memory_check=memory_check, produced=earlier)
             if not run.pre.ok:
                 failed.append(run)
@@ -219,3 +220,71 @@ def run_locally(runs: list[Run], pipeline: bool) -> int:
                 print(f"moe-launch: stage {run.stage.name} failed (exit {rc}); not running {', '.join(skipped)}", file=sys.stderr)
             return rc
     return worst
+
+
+# ------------------------------------------------------------------------------------------ resume
+ATTEMPTS_DIR = "attempts"  # earlier attempts' job files, attempts/<n>/
+_ATTEMPT_FILES = ("job.sbatch", "job.sh", "recipe.yaml", "cluster.yaml", "plan.yaml", "submission.yaml", "local.yaml", "EXIT_CODE")
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "RESIZING")
+
+
+def resume_run(run_dir: Path, overrides: list[str], profile: ClusterProfile | None, argv: list[str], dry_run: bool,
+               memory_check: bool) -> Run:
+    """A new attempt of a training run in its own directory: the run's recipe (with ``overrides``) on its
+    profile (or ``profile``), checked, re-rendered and written; the earlier attempt's job files move to
+    ``attempts/<n>/`` and ``attempts.yaml`` records each attempt. The trainer resumes from the run's newest
+    checkpoint (refusing what the checkpoint cannot take) and continues its metrics."""
+    from launcher import jobs, local_exec
+    from launcher.cluster import ClusterProfile as Profile
+
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir.name} is not a training run (no recipe.yaml); run its `launch export|generate|eval` again", "RUN")
+    job = jobs.job_id_of(run_dir)
+    if job:
+        st = jobs.status(job)
+        if st is not None and st.state in ACTIVE:
+            raise UserError(f"run {run_dir.name} is still {st.state} as job {job}; `launch cancel` it first", "RUN")
+    local = local_exec.read_state(run_dir)
+    if local and local.get("state") == "RUNNING" and local_exec.alive(local):
+        raise UserError(f"run {run_dir.name} is still running here (pid {local['pid']}); `launch cancel` it first", "RUN")
+    recipe = rundir.load_run_recipe(run_dir)
+    recipe = recipe_loader.apply_overrides(recipe, [*overrides, "checkpoint.resume=true"])
+    profile = profile or config_io.load_yaml_into(Profile, run_dir / "cluster.yaml")
+    pre = run_preflight(recipe, profile, memory_check=memory_check)
+    if not pre.ok:
+        raise UserError(f"cannot resume {run_dir.name} on {profile.describe()}: " + "; ".join(map(str, pre.errors)), "RUN")
+    save_dir = resume.checkpoint_dir(run_dir, recipe)
+    try:
+        found = resume.check_save_dir(save_dir, {"fingerprint": fingerprint(recipe), "layout": pre.layout.dims()})
+    except resume.ResumeRefused as exc:
+        raise UserError(f"cannot resume from {resume.latest(save_dir)}: {exc}", "RUN") from None
+    run = Run(run_dir.name.split("-", 2)[-1], recipe.name, recipe, run_dir / "recipe.yaml", overrides=overrides, pre=pre, run_dir=run_dir)
+    python = profile.python or ("python" if profile.container.image else sys.executable)
+    plan = plan_dict(recipe, profile, pre)
+    run.script_name = "job.sbatch" if profile.executor == "slurm" else "job.sh"
+    run.files = {run.script_name: render(RenderInput(recipe, profile, pre.layout, str(run_dir), python=python)),
+                 "recipe.yaml": config_io.to_yaml(recipe), "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan)}
+    run.lines = summary(recipe, run.spec, profile, pre, plan)
+    run.lines.append(f"resume   {'from ' + str(found) if found else 'no checkpoint yet: from step 0'}, in {run_dir}")
+    if dry_run:
+        return run
+    # the earlier attempt's files move aside; nothing of it is lost
+    attempts_file = run_dir / "attempts.yaml"
+    history = (rundir.read(run_dir, "attempts.yaml") or []) if attempts_file.exists() else []
+    n = len(history) + 1
+    archive = run_dir / ATTEMPTS_DIR / str(n)
+    archive.mkdir(parents=True, exist_ok=False)
+    for name in _ATTEMPT_FILES:
+        if (run_dir / name).exists():
+            (run_dir / name).rename(archive / name)
+    for name, text in run.files.items():
+        (run_dir / name).write_text(text)
+        if name.endswith((".sbatch", ".sh")):
+            (run_dir / name).chmod(0o755)
+    meta = provenance.metadata(argv, run_dir / "recipe.yaml", dry_run)
+    history.append({"attempt": n + 1, "command": meta["command"], "created": meta["created"], "host": meta["host"],
+                    "cluster": profile.name, "resumed_from": str(found) if found else None, "previous": str(archive.relative_to(run_dir))})
+    attempts_file.write_text(rundir.dump(history))
+    return run
+
+

@@ -21,7 +21,8 @@ from typing import Optional
 from launcher import config_io, rundir
 from launcher.errors import UserError
 from launcher.recipe import Recipe
-from launcher.resume import STEP_DIR
+from launcher.resume import choose_checkpoint
+from launcher.rundir import load_run_recipe
 
 TASK_FILE = "task.yaml"
 PROMPTS_FILE = "prompts.jsonl"  # generate: the prompts, copied into the job's run directory
@@ -61,38 +62,6 @@ class Task:
 
 def load_task(run_dir: Path) -> Task:
     return config_io.load_yaml_into(Task, Path(run_dir) / TASK_FILE)
-
-
-def load_run_recipe(run: Path) -> Recipe:
-    """A training run's resolved recipe (``recipe.yaml``), type-checked."""
-    if not (run / "recipe.yaml").is_file():
-        raise UserError(f"{run} has no recipe.yaml: not a training run", "RUN")
-    return config_io.load_yaml_into(Recipe, run / "recipe.yaml")
-
-
-def checkpoint_dir(run: Path, recipe: Recipe) -> Path:
-    return Path(os.path.expanduser(recipe.checkpoint.save_dir)) if recipe.checkpoint.save_dir else run / "checkpoints"
-
-
-def complete_checkpoints(run: Path, recipe: Recipe) -> dict[int, Path]:
-    """step -> directory of every complete checkpoint of the run (``step-N`` with its trainer.json)."""
-    save_dir = checkpoint_dir(run, recipe)
-    if not save_dir.is_dir():
-        return {}
-    return {int(STEP_DIR.match(p.name).group(1)): p for p in sorted(save_dir.iterdir())
-            if STEP_DIR.match(p.name) and (p / "trainer.json").is_file()}
-
-
-def choose_checkpoint(run: Path, recipe: Recipe, step: int | None) -> tuple[int, Path]:
-    found = complete_checkpoints(run, recipe)
-    if not found:
-        raise UserError(f"run {run.name} has no complete checkpoint under {checkpoint_dir(run, recipe)} "
-                        "(it has not reached a checkpoint step yet, or it wrote elsewhere)", "RUN")
-    if step is None:
-        step = max(found)
-    if step not in found:
-        raise UserError(f"run {run.name} has no checkpoint at step {step}; it has steps {', '.join(map(str, sorted(found)))}", "--step")
-    return step, found[step]
 
 
 def resolve_source(spec: str, root: Path, allow_hf: bool) -> tuple[Path, str]:

@@ -75,7 +75,8 @@ def read_export(path) -> dict:
 
 def our_logits(run, ids, hf_dir=None):
     from generation.loading import load_model
-    from launcher.tasks import choose_checkpoint, load_run_recipe
+    from launcher.resume import choose_checkpoint
+    from launcher.rundir import load_run_recipe
 
     recipe = load_run_recipe(run)
     _, ckpt = choose_checkpoint(run, recipe, None)

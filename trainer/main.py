@@ -10,6 +10,7 @@ the job refuses (resume into an incompatible layout, a bad run directory); anyth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -62,22 +63,17 @@ def load_run(run_dir: Path) -> tuple[Recipe, ClusterProfile, dict]:
     return recipe, profile, plan
 
 
-def load_weights(model, path: str, fmt: str, partial: bool = False) -> None:
+def load_weights(model, path: str, fmt: str, peft, partial: bool = False) -> tuple[str, bool]:
     """Starting weights: an HF-format directory (each rank reads only its regions) or a moe-launch DCP
-    checkpoint. ``partial``: this rank holds only some layers (a pipeline stage)."""
+    checkpoint (see checkpoint.load_start_weights). ``partial``: this rank holds only some layers (a
+    pipeline stage). Returns (a line for the log, whether LoRA adapters came with the weights)."""
     path = Path(os.path.expanduser(path))
     if fmt == "hf":
         from model.hf_io import load_hf_weights
 
         load_hf_weights(model, path, ignore_unexpected=partial)
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    step = checkpoint.latest(path) or path  # a save_dir or one step-N directory
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(step))
-    set_model_state_dict(model, state["model"])
+        return f"started from {path} (Hugging Face weights)", False
+    return checkpoint.load_start_weights(model, path, peft)
 
 
 def _global_sum(values: list[float], group=None) -> list[float]:
@@ -135,8 +131,7 @@ def train(run_dir: Path) -> int:
         try:
             checkpoint.check_compatible(json.loads((found / "trainer.json").read_text()), current)
         except checkpoint.ResumeRefused as exc:
-            print(f"moe-launch: error: cannot resume from {found}: {exc}", file=sys.stderr, flush=True)
-            return EXIT_REFUSED
+            raise SystemExit(f"moe-launch: error: cannot resume from {found}: {exc}") from None
     torch.manual_seed(train_cfg.seed)
 
     # model: shapes on meta, parallelise, then allocate and initialise only this rank's shards
@@ -158,9 +153,10 @@ def train(run_dir: Path) -> int:
         apply_activation_checkpointing(part, recipe.parallel.recompute)
         apply_fsdp(part, meshes, torch.bfloat16 if bf16 else None)
         materialize(part, device, train_cfg.seed)
-    if recipe.checkpoint.load:
-        load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format, partial=pp > 1)
-    if recipe.peft.method == "lora":
+    started, adapters_loaded = None, False
+    if recipe.checkpoint.load and found is None:  # a resume restores its own weights instead
+        started, adapters_loaded = load_weights(model, recipe.checkpoint.load, recipe.checkpoint.load_format, recipe.peft, partial=pp > 1)
+    if recipe.peft.method == "lora" and not adapters_loaded:
         init_lora(model, train_cfg.seed)
     model.train()
     optimizer = build_optimizer(model, train_cfg)
@@ -196,6 +192,8 @@ def train(run_dir: Path) -> int:
     log.info(f"moe-launch: training {recipe.name}: {recipe.model.name} on {world} rank(s) on {_ranks_per_node(nodes)}, layout {layout}, "
              f"{n_micro} micro-batch(es) of {train_cfg.micro_batch_size} x {data_cfg.seq_length} per rank per step; data {loader.stats()}")
 
+    if started:
+        log.info(f"moe-launch: {started}")
     flops_per_token = recipe.model.train_flops_per_token(data_cfg.seq_length)
     peak_flops = profile.gpu.peak_tflops * 1e12
     reduce = dp_all_reduce(meshes)
@@ -260,7 +258,7 @@ def train(run_dir: Path) -> int:
         interval_hit = recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0
         if interval_hit or step == train_cfg.max_steps or stop_votes > 0:
             state = {"step": step, "data": loader.state_dict(), "layout": layout, "fingerprint": current["fingerprint"],
-                     "recipe": recipe.name}
+                     "recipe": recipe.name, "peft": dataclasses.asdict(recipe.peft)}
             path = checkpoint.save(save_dir, step, model, optimizer, state, recipe.checkpoint.keep)
             log.info(f"moe-launch: checkpoint {path}")
         if stop_votes > 0 and step < train_cfg.max_steps:
