@@ -163,6 +163,14 @@ def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[st
             out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster"))
         elif not (recipe.backend.container_image or profile.container.image):
             out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09"))
+    if recipe.train.eval_interval:
+        if recipe.data.kind != "sft":
+            out.append(Problem("error", "train.eval_interval", "validation during training needs SFT data with a validation "
+                                                               "split (data.kind=sft); set train.eval_interval=0"))
+        elif recipe.data.path and os.path.isdir(os.path.expanduser(recipe.data.path)) \
+                and not os.path.isfile(os.path.join(os.path.expanduser(recipe.data.path), "validation.jsonl")):
+            out.append(Problem("error", "train.eval_interval", f"{recipe.data.path} has no validation.jsonl to validate on; "
+                                                               "set train.eval_interval=0 or add the split"))
     out += _path_problems(recipe, profile, produced)
     return out
 

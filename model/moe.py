@@ -154,7 +154,7 @@ class MoE(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         weights, ids, scores = self.gate(flat)
-        if torch._C._current_graph_task_id() == -1:  # not during a backward-time recomputation
+        if self.training and torch._C._current_graph_task_id() == -1:  # training load; not during a backward-time recomputation
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).float()
         out = self.route(flat, weights, ids)

@@ -39,7 +39,7 @@ def test_smoke_recipe_trains_on_real_slurm(tmp_path):
     assert f"submitted job {job_id}" in res.stdout
     wait_gone(job_id)
     log = (run / "logs" / f"slurm-{job_id}.out").read_text()
-    assert "moe-launch: done: 8 steps" in log and "job step exited 0" in log, log[-3000:]
+    assert "moe-launch: done: step 8/8" in log and "job step exited 0" in log, log[-3000:]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0] - 1.0
     assert (run / "checkpoints" / "step-00000008" / "trainer.json").exists()

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.data import build_train_loader
-from trainer.entry import EXIT_CODE_FILE, EXIT_REFUSED, init_distributed, run_entry
+from trainer.entry import EXIT_CODE_FILE, init_distributed, run_entry
 from trainer.lora import apply_lora, freeze_in_bf16, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib, static_bytes
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
@@ -181,7 +180,7 @@ def train(run_dir: Path) -> int:
     AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
 
     start = 0
-    log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0)
+    log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0, data_cfg.seq_length * train_cfg.global_batch_size)
     if found is not None:
         saved = checkpoint.load(found, model, optimizer, current)
         start = saved["step"]
@@ -194,11 +193,17 @@ def train(run_dir: Path) -> int:
 
     if started:
         log.info(f"moe-launch: {started}")
+    val_set = None
+    if train_cfg.eval_interval:
+        from trainer.data import build_dataset
+        from trainer.validation import validation_loss
+
+        val_set = build_dataset(data_cfg, tokenizer, "validation")
     flops_per_token = recipe.model.train_flops_per_token(data_cfg.seq_length)
     peak_flops = profile.gpu.peak_tflops * 1e12
     reduce = dp_all_reduce(meshes)
     depth = recipe.model.num_nextn_predict_layers if train_cfg.mtp_loss_weight > 0 else 0
-    step = start
+    step, last_checkpoint = start, found
     while step < train_cfg.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, train_cfg)
@@ -254,20 +259,24 @@ def train(run_dir: Path) -> int:
                    "label_tokens": int(tokens), "mfu": flops_per_token * tps / world / peak_flops,
                    "expert_imbalance": imbalance, "mem_gib": peak_memory_gib(device),
                    "step_seconds": elapsed}
+        if val_set is not None and (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps):
+            metrics.update(validation_loss(model, val_set, train_cfg.micro_batch_size, device, meshes, layout["tp"], schedule,
+                                           stages, n_micro, depth))
         log.log(step, metrics, console=step % train_cfg.log_interval == 0 or step == train_cfg.max_steps or step == start + 1)
         interval_hit = recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0
         if interval_hit or step == train_cfg.max_steps or stop_votes > 0:
             state = {"step": step, "data": loader.state_dict(), "layout": layout, "fingerprint": current["fingerprint"],
                      "recipe": recipe.name, "peft": dataclasses.asdict(recipe.peft)}
-            path = checkpoint.save(save_dir, step, model, optimizer, state, recipe.checkpoint.keep)
-            log.info(f"moe-launch: checkpoint {path}")
+            last_checkpoint = checkpoint.save(save_dir, step, model, optimizer, state, recipe.checkpoint.keep)
+            log.info(f"moe-launch: checkpoint {last_checkpoint}")
         if stop_votes > 0 and step < train_cfg.max_steps:
             if rank == 0:
                 (run_dir / EXIT_CODE_FILE).write_text(f"{REQUEUE_EXIT_CODE} checkpointed at step {step} after {stop.name or 'a stop signal'}\n")
             log.info(f"moe-launch: stopping at step {step} after {stop.name or 'a stop signal on another rank'}; exit {REQUEUE_EXIT_CODE} asks for a requeue")
+            log.summary("stopped", step, last_checkpoint)
             log.close()
             return REQUEUE_EXIT_CODE
-    log.info(f"moe-launch: done: {step} steps")
+    log.summary("done", step, last_checkpoint)
     log.close()
     return 0
 

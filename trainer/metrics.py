@@ -1,5 +1,6 @@
-"""Per-step metrics: a console line with a progress bar (rank 0), ``metrics.jsonl`` in the run
-directory, and TensorBoard event files under ``tensorboard/`` when the tensorboard package is installed."""
+"""Per-step metrics: a console line with a progress bar, elapsed time and ETA (rank 0), ``metrics.jsonl`` in
+the run directory, TensorBoard event files under ``tensorboard/`` when the tensorboard package is installed,
+and at the end of each attempt a summary (console and ``summary.json``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -31,12 +33,24 @@ def static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
             "optimizer": sum(local(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))}
 
 
+def clock(seconds: float) -> str:
+    """1:02:03, 2:03 or 0:07."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, max_steps: int, enabled: bool):
+    def __init__(self, run_dir: Path, max_steps: int, enabled: bool, tokens_per_step: int = 0):
         self.enabled = enabled
         self.max_steps = max_steps
         self.run_dir = run_dir
+        self.tokens_per_step = tokens_per_step
         self.t0 = time.perf_counter()
+        self.recent = deque(maxlen=20)  # the last steps' seconds, for the ETA
+        self.first: dict | None = None  # this attempt's first and last records
+        self.last: dict | None = None
+        self.best_val: float | None = None
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.tb = None
         self._tb_ready = False
@@ -88,13 +102,42 @@ class MetricsLogger:
         if tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    tb.add_scalar(f"train/{k}", v, step)
+                    tb.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, step)
+        self.first = self.first or record
+        self.last = record
+        if "val_loss" in metrics:
+            self.best_val = min(self.best_val if self.best_val is not None else float("inf"), metrics["val_loss"])
+        if "step_seconds" in metrics and self.first is not record:  # the first step includes warm-up
+            self.recent.append(metrics["step_seconds"])
         if console:
             done = step / self.max_steps
             bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-            print(f"step {step:>6}/{self.max_steps} [{bar}] loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+            eta = f", eta {clock(sum(self.recent) / len(self.recent) * (self.max_steps - step))}" if self.recent and step < self.max_steps else ""
+            val = f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            print(f"step {step:>6}/{self.max_steps} [{bar}] loss {metrics['loss']:.4f}{val} grad_norm {metrics['grad_norm']:.3f} "
                   f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:,.0f} mfu {metrics['mfu']:.2%} "
-                  f"imbalance {metrics.get('expert_imbalance', 0):.2f} mem {metrics['mem_gib']:.2f}G", flush=True)
+                  f"imbalance {metrics.get('expert_imbalance', 0):.2f} mem {metrics['mem_gib']:.2f}G "
+                  f"{clock(time.perf_counter() - self.t0)}{eta}", flush=True)
+
+    def summary(self, state: str, step: int, checkpoint: Path | None) -> dict:
+        """End of an attempt (done, or stopped by a signal): one line on the console and ``summary.json``."""
+        if not self.enabled:
+            return {}
+        wall = time.perf_counter() - self.t0
+        first, last = self.first or {}, self.last or {}
+        steps = step - first.get("step", step + 1) + 1 if first else 0
+        out = {"state": state, "step": step, "max_steps": self.max_steps, "steps_this_attempt": steps,
+               "wall_seconds": round(wall, 2), "tokens_this_attempt": steps * self.tokens_per_step,
+               "tokens_per_s": round(steps * self.tokens_per_step / wall, 1) if wall > 0 else None,
+               "first_loss": first.get("loss"), "loss": last.get("loss"), "val_loss": last.get("val_loss"),
+               "best_val_loss": self.best_val, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": "metrics.jsonl"}
+        (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        losses = f"loss {out['first_loss']:.4f} -> {out['loss']:.4f}" if out["loss"] is not None else "no step logged"
+        val = f", val loss {out['val_loss']:.4f}" if out["val_loss"] is not None else ""
+        print(f"moe-launch: {state}: step {step}/{self.max_steps}, {steps} step(s) in {clock(wall)}, {losses}{val}, "
+              f"{out['tokens_this_attempt']:,} tokens ({out['tokens_per_s'] or 0:,.0f}/s); checkpoint {checkpoint or 'none'}; "
+              f"{self.run_dir / 'summary.json'}", flush=True)
+        return out
 
     def info(self, text: str) -> None:
         if self.enabled:
