@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -99,11 +100,22 @@ def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
         if not args.dry_run:
             _check_can_run(profile, any(r.recipe is not None for r in runs))
         submission.render_runs(runs, profile, argv, args.dry_run, python)
+        # a sweep on Slurm is one job array (its script in a directory of its own, written with the runs)
+        array = submission.render_array(runs, profile, root) if args.sweep and len(runs) > 1 and profile.executor == "slurm" else None
         try:
             submission.write_runs(runs)
-            break
         except FileExistsError:
             continue
+        if array is not None:
+            try:
+                rundir.create(array.path, array.files)
+            except BaseException:
+                for run in runs:
+                    shutil.rmtree(run.run_dir, ignore_errors=True)
+                if isinstance(sys.exc_info()[1], FileExistsError):
+                    continue
+                raise
+        break
     else:
         raise UserError(f"could not pick free run directory names under {root}", "runs dir")
 
@@ -115,13 +127,20 @@ def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
         for line in run.lines:
             print(line, file=out)
         print(f"run dir  {run.run_dir}", file=out)
+    if array is not None:
+        print(f"sweep    one job array of {len(runs)} tasks: {array.path / 'array.sbatch'}", file=out)
     if args.dry_run:
         scripts = [str(r.run_dir / r.script_name) for r in runs]
         print(f"dry run: nothing submitted; the script{'s are' if len(runs) > 1 else ' is'} {' '.join(scripts)}", file=out)
+        if array is not None:
+            sys.stdout.write(f"# ==== {array.path / 'array.sbatch'}\n{array.files['array.sbatch']}")
         for run in runs:
             if len(runs) > 1:
                 sys.stdout.write(f"# ==== {run.run_dir / run.script_name}\n")
             sys.stdout.write(run.files[run.script_name])
+        return 0
+    if array is not None:
+        submission.submit_array(runs, array, out)
         return 0
     if profile.executor == "slurm":
         submission.submit_runs(runs, out)
@@ -273,7 +292,19 @@ def cmd_follow(name: str, argv: list[str]) -> int:
     args = _follow_parser(name).parse_args(argv)
     if name == "list":
         return _list_runs(jobs, args)
-    run = jobs.find_run(args.run, jobs.runs_roots(args.runs_dir, args.cluster))
+    roots = jobs.runs_roots(args.runs_dir, args.cluster)
+    array = jobs.find_array(args.run, roots) if name in ("status", "cancel") else None
+    if array is not None:  # a sweep's job array: every task
+        job, runs = array
+        if name == "cancel":
+            jobs.cancel(job)
+            print(f"cancelled job array {job} ({len(runs)} tasks)")
+            return 0
+        for run in runs:
+            rs = jobs.run_state(run)
+            print(f"{jobs.job_id_of(run):>12}  {rs.state:<12} {run.name}" + (f"  error: {rs.error}" if rs.error else ""))
+        return 0
+    run = jobs.find_run(args.run, roots)
     job = jobs.job_id_of(run)
     if name == "status":
         rs = jobs.run_state(run)

@@ -42,6 +42,7 @@ class Slurm:
     max_requeues: int = 3  # retry budget for preemption / time limit / node failure
     rdzv_timeout: int = 300  # seconds torchrun waits for all nodes to join
     rdzv_host: Optional[str] = None  # rendezvous address; default: the head node's NodeAddr from scontrol
+    array_throttle: Optional[int] = None  # a sweep's job array runs at most this many points at once (None: no limit)
 
 
 @dataclass
@@ -151,8 +152,8 @@ def load_profile(name: str) -> tuple[ClusterProfile, Path]:
     for key in ("nodes", "gpus_per_node"):
         if getattr(profile, key) < 1:
             raise UserError(f"must be >= 1, got {getattr(profile, key)}", f"{path}: {key}")
-    for key, low in (("signal_seconds", 0), ("max_requeues", 0), ("rdzv_timeout", 1)):
-        if getattr(profile.slurm, key) < low:
+    for key, low in (("signal_seconds", 0), ("max_requeues", 0), ("rdzv_timeout", 1), ("array_throttle", 1)):
+        if getattr(profile.slurm, key) is not None and getattr(profile.slurm, key) < low:
             raise UserError(f"must be >= {low}, got {getattr(profile.slurm, key)}", f"{path}: slurm.{key}")
     check_slurm_fields(profile, f"{path}: ")
     return profile, path

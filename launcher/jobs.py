@@ -124,6 +124,25 @@ def find_run(spec: str | None, roots: Path | list[Path]) -> Path:
     raise UserError(f"{spec!r} is not a run directory, a run under {where}, or the job id of one", "RUN")
 
 
+def find_array(spec: str | None, roots: list[Path]) -> tuple[str, list[Path]] | None:
+    """(array job id, its runs in task order) when ``spec`` names a sweep's job array: its job id or its sweep
+    directory (holding array.sbatch and sweep.yaml); None otherwise."""
+    if spec is None:
+        return None
+    sweep = next((d for d in (Path(spec), *(r / spec for r in roots)) if (d / "sweep.yaml").is_file()), None)
+    runs = []
+    for run in runs_in([sweep.parent] if sweep else roots):
+        sub = run / "submission.yaml"
+        if sub.exists():
+            info = yaml.safe_load(sub.read_text()) or {}
+            if (sweep is not None and info.get("sweep") == str(sweep)) or (sweep is None and str(info.get("array_job_id")) == spec):
+                runs.append((info.get("array_task", 0), run, str(info.get("array_job_id"))))
+    if not runs:
+        return None
+    runs.sort(key=lambda r: r[0])
+    return runs[0][2], [r[1] for r in runs]
+
+
 def log_file(run: Path) -> Path:
     job = job_id_of(run)
     return run / "logs" / (f"slurm-{job}.out" if job else "job.out")

@@ -162,6 +162,28 @@ def render_command(st: Stage, job_name: str, profile: ClusterProfile, run_dir: s
     )
 
 
+@dataclass
+class SweepArray:
+    """A sweep's job array: the directory holding its script (not a run: ``launch list`` does not show it)."""
+
+    path: Path
+    files: dict[str, str]
+
+
+def render_array(runs: list[Run], profile: ClusterProfile, root: Path) -> SweepArray:
+    """One Slurm job array for a sweep's runs: task i execs the i-th run's own job.sbatch."""
+    recipe = runs[0].recipe
+    path = rundir.reserve_name(root, f"{recipe.name}-sweep", profile.name)
+    check_sbatch_value(str(path), "sweep directory (it goes into #SBATCH --output)")
+    n = len(runs)
+    throttle = profile.slurm.array_throttle
+    script = environment().get_template("array.sbatch.j2").render(
+        profile=profile, slurm=profile.slurm, layout=runs[0].pre.layout, job_name=recipe.name, sweep_dir=str(path),
+        run_dirs=[str(r.run_dir) for r in runs], array=f"1-{n}" + (f"%{throttle}" if throttle else ""))
+    points = [{"task": i, "run": r.run_dir.name, "overrides": r.meta_extra["sweep"]["overrides"]} for i, r in enumerate(runs, 1)]
+    return SweepArray(path, {"array.sbatch": script, "sweep.yaml": rundir.dump({"recipe": recipe.name, "points": points})})
+
+
 def write_runs(runs: list[Run]) -> None:
     """Create every run directory, or none. FileExistsError: a name was taken meanwhile (by another
     launch in the same second); the caller plans again, which picks free names."""
@@ -202,6 +224,25 @@ def submit_runs(runs: list[Run], out) -> None:
         (run.run_dir / "submission.yaml").write_text(rundir.dump(sub))
         after = f" (after {sub['after_ok']} succeeds)" if run.after_previous else ""
         print(f"submitted job {run.job_id}{after}: {run.run_dir.name}", file=out)
+
+
+def submit_array(runs: list[Run], array: SweepArray, out) -> None:
+    """sbatch the sweep's job array; each run records its task (job id ``<array>_<task>``). All or nothing."""
+    from launcher import slurm
+
+    try:
+        job = slurm.submit(array.path / "array.sbatch")
+    except BaseException:
+        for d in [array.path, *(r.run_dir for r in runs)]:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    for i, run in enumerate(runs, 1):
+        run.job_id = f"{job}_{i}"
+        (run.run_dir / "submission.yaml").write_text(rundir.dump({"job_id": run.job_id, "array_job_id": job, "array_task": i,
+                                                                    "sweep": str(array.path)}))
+    print(f"submitted job array {job} ({len(runs)} tasks; its script and points: {array.path}):", file=out)
+    for run in runs:
+        print(f"  task {run.job_id}: {run.run_dir.name}  {' '.join(run.meta_extra['sweep']['overrides'])}", file=out)
 
 
 def run_locally(runs: list[Run], pipeline: bool) -> int:

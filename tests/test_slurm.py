@@ -244,21 +244,35 @@ def test_failing_first_stage_cancels_the_rest_and_leaves_nothing_pending(tmp_pat
     assert "no such checkpoint" in launch("logs", str(next(r for r in runs.iterdir() if ".convert-" in r.name))).stdout
 
 
-def test_two_point_sweep_makes_two_runs(tmp_path):
+def test_sweep_is_one_job_array_and_cancel_of_the_array_cancels_all(tmp_path):
     runs = tmp_path / "runs"
     res = launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), "train.max_steps=4",
-                 "--sweep", "train.lr=1e-3,2e-3")
-    assert res.returncode == 0, res.stderr
-    made = sorted(runs.iterdir())
-    assert len(made) == 2 and res.stdout.count("submitted job") == 2
+                 "--sweep", "train.lr=1e-3,2e-3,3e-3")
+    assert res.returncode == 0 and "submitted job array" in res.stdout, res.stderr
+    made = sorted(p for p in runs.iterdir() if (p / "meta.yaml").exists())
+    subs = [yaml.safe_load((run / "submission.yaml").read_text()) for run in made]
+    (array,) = {str(s["array_job_id"]) for s in subs}
+    assert [s["job_id"] for s in subs] == [f"{array}_{i}" for i in (1, 2, 3)]
+    wait_gone(array, timeout=240)
+    status = launch("status", array, "--runs-dir", str(runs)).stdout
+    assert status.count("COMPLETED") == 3, status
+    assert launch("list", "--runs-dir", str(runs), "--state", "completed").stdout.count(f"{array}_") == 3
     lrs = []
     for run in made:
-        job = yaml.safe_load((run / "submission.yaml").read_text())["job_id"]
-        wait_gone(job)
         assert "COMPLETED" in launch("status", str(run)).stdout
-        lrs.append(yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"])
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
-    assert sorted(lrs) == [1e-3, 2e-3]
+        assert (run / "logs" / f"slurm-{yaml.safe_load((run / 'submission.yaml').read_text())['job_id']}.out").exists()
+        lrs.append(yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"])
+    assert sorted(lrs) == [1e-3, 2e-3, 3e-3]
+    # a long one: cancelling the array cancels every task
+    more = tmp_path / "more"
+    assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(more), "train.max_steps=500",
+                  "--sweep", "train.lr=1e-3,2e-3").returncode == 0
+    (array2,) = {str(yaml.safe_load((p / "submission.yaml").read_text())["array_job_id"]) for p in more.iterdir() if (p / "meta.yaml").exists()}
+    wait_state(more, ("RUNNING",), timeout=60)
+    assert f"cancelled job array {array2}" in launch("cancel", array2, "--runs-dir", str(more)).stdout
+    wait_gone(array2, timeout=120)
+    assert launch("status", array2, "--runs-dir", str(more)).stdout.count("CANCELLED") == 2
 
 
 def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
