@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -61,64 +60,20 @@ def _report_failure(recipe, recipe_path: Path, profile, pre, which: str | None =
             print(f"  {h}", file=err)
 
 
-def _check_can_run(profile, trains: bool = True) -> None:
-    """Before anything is written: is there a way to run this job from here?"""
-    if profile.executor == "slurm":
-        from launcher import slurm
-
-        slurm.require("sbatch")
-    elif trains:
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            raise UserError("the local executor runs the native trainer, which needs PyTorch: pip install 'moe-launch[train]'", "--cluster local")
-        if importlib.util.find_spec("trainer") is None:
-            raise UserError("this install has no job-side trainer package; use --dry-run to check and render only", "--cluster local")
-
-
 def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher import submission
-    from launcher.pipeline import Pipeline
 
     profile, _ = cluster.load_profile(args.cluster)
-    target, target_path = recipe_loader.load_target(args.recipe)
-    is_pipeline = isinstance(target, Pipeline)
-    if is_pipeline and args.sweep:
-        raise UserError("--sweep applies to a recipe, not to a pipeline", "--sweep")
     root = rundir.runs_root(args.runs_dir, profile.runs_dir)
-    python = profile.python or ("python" if profile.container.image else sys.executable)
-    for _ in range(100):
-        runs = (submission.runs_for_pipeline(target, target_path, args.overrides) if is_pipeline
-                else submission.runs_for_recipe(args.recipe, args.overrides, args.sweep))
-        failed = submission.plan_runs(runs, profile, root, not args.ignore_memory, python)
-        if failed:
-            for run in failed:
-                which = (None if len(runs) == 1 else f"stage {run.stage.name}" if run.stage
-                         else "sweep point " + " ".join(run.overrides[-len(args.sweep):]))
-                _report_failure(run.recipe, run.recipe_path, profile, run.pre, which)
-            return EXIT_USAGE
-        if not args.dry_run:
-            _check_can_run(profile, any(r.recipe is not None for r in runs))
-        submission.render_runs(runs, profile, argv, args.dry_run, python)
-        # a sweep on Slurm is one job array (its script in a directory of its own, written with the runs)
-        array = submission.render_array(runs, profile, root) if args.sweep and len(runs) > 1 and profile.executor == "slurm" else None
-        try:
-            submission.write_runs(runs)
-        except FileExistsError:
-            continue
-        if array is not None:
-            try:
-                rundir.create(array.path, array.files)
-            except BaseException:
-                for run in runs:
-                    shutil.rmtree(run.run_dir, ignore_errors=True)
-                if isinstance(sys.exc_info()[1], FileExistsError):
-                    continue
-                raise
-        break
-    else:
-        raise UserError(f"could not pick free run directory names under {root}", "runs dir")
-
+    launch = submission.prepare_launch(args.recipe, args.overrides, args.sweep, profile, root, argv, args.dry_run,
+                                       not args.ignore_memory, submission.check_can_run)
+    runs, array = launch.runs, launch.array
+    if launch.failed:
+        for run in launch.failed:
+            which = (None if len(runs) == 1 else f"stage {run.stage.name}" if run.stage
+                     else "sweep point " + " ".join(run.overrides[-len(args.sweep):]))
+            _report_failure(run.recipe, run.recipe_path, profile, run.pre, which)
+        return EXIT_USAGE
     out = sys.stderr if args.dry_run else sys.stdout
     for i, run in enumerate(runs, 1):
         if len(runs) > 1:
@@ -145,7 +100,7 @@ def cmd_launch(args: argparse.Namespace, argv: list[str]) -> int:
     if profile.executor == "slurm":
         submission.submit_runs(runs, out)
         return 0
-    return submission.run_locally(runs, is_pipeline)
+    return submission.run_locally(runs, launch.pipeline)
 
 
 def cmd_plan(argv: list[str]) -> int:
@@ -397,7 +352,7 @@ def cmd_task(name: str, argv: list[str]) -> int:
     root = rundir.runs_root(args.runs_dir, profile.runs_dir)
     prepared = tasks.prepare(name, args, profile, root)
     if not args.dry_run:
-        _check_can_run(profile)
+        submission.check_can_run(profile)
     # the job's run directory goes beside the run it works on (a Hugging Face directory: under the runs directory)
     task = prepared.task
     job = tasks.write_job(prepared, profile, Path(task.source).parent if task.source_kind == "run" else root, [name, *argv], args.dry_run)

@@ -219,7 +219,7 @@ def run_state(run: Path) -> RunState:
                 return RunState("dry run", "checked and rendered, never run")
             local = {"state": "UNKNOWN"}  # run before runs kept a record, or by hand
         state, code = local["state"], local.get("exit_code")
-        if state == "RUNNING" and not local_exec.alive(local):
+        if state in ("RUNNING", "PENDING") and not local_exec.alive(local):
             state = "UNKNOWN"  # the process that ran it is gone without recording an end
         if state == "UNKNOWN" and (run / "EXIT_CODE").exists():
             code = (run / "EXIT_CODE").read_text().split(" ", 1)[0]

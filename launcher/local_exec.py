@@ -94,7 +94,7 @@ def cancel(run_dir: Path) -> bool:
     """Ask a running local job to stop (SIGTERM to the process that follows it: the ranks checkpoint at the
     end of their step). False when it is not running."""
     state = read_state(run_dir)
-    if not state or state.get("state") != "RUNNING" or state.get("host") != socket.gethostname() or not alive(state):
+    if not state or state.get("state") not in ("RUNNING", "PENDING") or state.get("host") != socket.gethostname() or not alive(state):
         return False
     os.kill(int(state["pid"]), signal.SIGTERM)
     return True

@@ -61,8 +61,12 @@ def sweep_points(specs: list[str]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip([a[0] for a in axes], combo)] for combo in itertools.product(*[a[1] for a in axes])]
 
 
-def runs_for_recipe(spec: str, overrides: list[str], sweeps: list[str]) -> list[Run]:
-    base, path = recipe_loader.load_recipe(spec)
+def runs_for_recipe(spec: str | Recipe, overrides: list[str], sweeps: list[str]) -> list[Run]:
+    """A recipe named by file or shipped name (or a Recipe object, from the Python API), per sweep point."""
+    if isinstance(spec, Recipe):
+        base, path, spec = spec, Path.cwd(), spec.name
+    else:
+        base, path = recipe_loader.load_recipe(spec)
     points = sweep_points(sweeps) if sweeps else [[]]
     runs = []
     for i, point in enumerate(points, 1):
@@ -120,6 +124,69 @@ def plan_runs(runs: list[Run], profile: ClusterProfile, root: Path, memory_check
             run.stage = dataclasses.replace(st, command=[placeholders(a, values, f"{run.recipe_path}: stage {st.name}.command")
                                                          for a in st.command])
     return failed
+
+
+def check_can_run(profile, trains: bool = True) -> None:
+    """Before anything is written: is there a way to run this job from here?"""
+    if profile.executor == "slurm":
+        from launcher import slurm
+
+        slurm.require("sbatch")
+    elif trains:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise UserError("the local executor runs the native trainer, which needs PyTorch: pip install 'moe-launch[train]'", "--cluster local")
+        if importlib.util.find_spec("trainer") is None:
+            raise UserError("this install has no job-side trainer package; use --dry-run to check and render only", "--cluster local")
+
+
+@dataclass
+class Launch:
+    """One ``launch``: its runs (checked, rendered and written unless some failed) and a sweep's job array."""
+
+    runs: list[Run]
+    failed: list[Run]
+    pipeline: bool
+    array: "SweepArray | None" = None
+
+
+def prepare_launch(target, overrides: list[str], sweeps: list[str], profile: ClusterProfile, root: Path, argv: list[str],
+                   dry_run: bool, memory_check: bool = True, can_run=None) -> Launch:
+    """Check every run of a recipe, sweep or pipeline, then render and write their directories (all or none).
+    ``target``: a recipe or pipeline spec (file, shipped name) or a Recipe object. ``can_run(profile, trains)``
+    raises if nothing could run the jobs from here (called before anything is written)."""
+    target_obj, target_path = (target, Path.cwd()) if isinstance(target, Recipe) else recipe_loader.load_target(target)
+    pipeline = isinstance(target_obj, Pipeline)
+    if pipeline and sweeps:
+        raise UserError("--sweep applies to a recipe, not to a pipeline", "--sweep")
+    python = profile.python or ("python" if profile.container.image else sys.executable)
+    for _ in range(100):
+        runs = (runs_for_pipeline(target_obj, target_path, overrides) if pipeline
+                else runs_for_recipe(target if isinstance(target, Recipe) else target, overrides, sweeps))
+        failed = plan_runs(runs, profile, root, memory_check, python)
+        if failed:
+            return Launch(runs, failed, pipeline)
+        if not dry_run and can_run is not None:
+            can_run(profile, any(r.recipe is not None for r in runs))
+        render_runs(runs, profile, argv, dry_run, python)
+        # a sweep on Slurm is one job array (its script in a directory of its own, written with the runs)
+        array = render_array(runs, profile, root) if sweeps and len(runs) > 1 and profile.executor == "slurm" else None
+        try:
+            write_runs(runs)
+        except FileExistsError:
+            continue
+        if array is not None:
+            try:
+                rundir.create(array.path, array.files)
+            except BaseException as exc:
+                for run in runs:
+                    shutil.rmtree(run.run_dir, ignore_errors=True)
+                if isinstance(exc, FileExistsError):
+                    continue
+                raise
+        return Launch(runs, [], pipeline, array)
+    raise UserError(f"could not pick free run directory names under {root}", "runs dir")
 
 
 def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_run: bool, python: str) -> None:

@@ -184,11 +184,15 @@ def test_sweep_dry_run_makes_one_run_dir_per_point(tmp_path):
     res = run_launch("smoke", "--cluster", "local-slurm", "--dry-run", "--runs-dir", str(runs),
                      "--sweep", "train.lr=1e-3,2e-3", "--sweep", "parallel.ep=1,2")
     assert res.returncode == 0, res.stderr
-    made = sorted(runs.iterdir())
+    made = sorted(p for p in runs.iterdir() if (p / "meta.yaml").exists())
     assert len(made) == 4 and all(p.name.split("-smoke-s")[1][0] in "1234" for p in made)
     points = [yaml.safe_load((p / "meta.yaml").read_text())["sweep"]["overrides"] for p in made]
     assert sorted(map(tuple, points)) == sorted((f"train.lr={lr}", f"parallel.ep={ep}") for lr in ("1e-3", "2e-3") for ep in (1, 2))
-    assert res.stdout.count("#SBATCH --job-name=smoke") == 4
+    assert res.stdout.count("#SBATCH --job-name=smoke") == 5  # the four runs' scripts and the job array's
+    (sweep,) = [p for p in runs.iterdir() if (p / "array.sbatch").exists()]
+    array = (sweep / "array.sbatch").read_text()
+    assert "#SBATCH --array=1-4" in array and all(str(p) in array for p in made)
+    assert [pt["run"] for pt in yaml.safe_load((sweep / "sweep.yaml").read_text())["points"]] == [p.name for p in made]
 
 
 def test_sweep_with_one_bad_point_writes_nothing(tmp_path):
