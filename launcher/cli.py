@@ -25,12 +25,36 @@ from launcher.errors import EXIT_USAGE, UserError
 from launcher.recipe import Recipe
 
 
+_COMMANDS = [
+    ("launch RECIPE --cluster NAME [key=value ...]", "check, render, write the run directory, submit (this page)",
+     ["launch recipes/smoke.py --cluster local",
+      "launch full_ft --cluster h100-8x64 --dry-run train.max_steps=100 --sweep train.lr=1e-5,2e-5"]),
+    ("launch plan RECIPE --cluster NAME", "memory per pipeline rank, FLOPs, step time; --search: every layout",
+     ["launch plan recipes/full_ft.py --cluster h100-8x64 --search"]),
+    ("launch resume RUN [key=value ...]", "continue a run in its own directory from its newest checkpoint",
+     ["launch resume 20261202-101500-smoke-local train.max_steps=120"]),
+    ("launch export RUN --cluster NAME", "a run's checkpoint as a Hugging Face directory (hf, merged, peft)",
+     ["launch export 20261202-101500-smoke-local --cluster local --format hf"]),
+    ("launch generate RUN|HF_DIR --cluster NAME", "answers with MLA's compressed cache (--prompt TEXT, --input FILE.jsonl)",
+     ['launch generate 20261202-101500-smoke-local --cluster local --prompt "What is 3 + 4?"']),
+    ("launch eval RUN --cluster NAME", "every example of a split answered and scored: results.csv, summary.json",
+     ["launch eval 20261202-101500-smoke-local --cluster local --split test"]),
+    ("launch list | status | logs | cancel [RUN]", "follow runs (list --state/--recipe/--since; logs -f)",
+     ["launch list --state failed --since 2d", "launch status 1234"]),
+    ("launch clusters | recipes", "the cluster profiles and shipped recipes", []),
+]
+COMMANDS = "commands:\n" + "".join(f"  {usage:<46} {what}\n" + "".join(f"      {ex}\n" for ex in examples)
+                                     for usage, what, examples in _COMMANDS) + (
+    "Each command has --help. Overrides use OmegaConf's dotlist form, e.g. train.max_steps=100 parallel.tp=4\n"
+    "model=deepseek-v2-lite; checkpoint.load=RUN[:STEP] starts a new run from an earlier one's weights.")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch",
-        description="Check a recipe against a cluster, render its job and submit it.",
-        epilog="Other commands: `launch plan|export|generate|eval|clusters|recipes|list|status|logs|cancel`. Overrides use OmegaConf dotlist form, "
-               "e.g. train.max_steps=100 parallel.tp=4 model=deepseek-v2-lite.",
+        description="Train DeepSeek-V3-family MoE models on Slurm: check a recipe against a cluster before anything is "
+                    "queued, render a readable sbatch/torchrun job, keep a run directory, submit and follow it.",
+        epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="recipe or pipeline file (recipes/full_ft.py, file.py:function) or shipped name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
@@ -113,7 +137,10 @@ def cmd_plan(argv: list[str]) -> int:
     from launcher.preflight import run_preflight
     from launcher.suggest import min_nodes
 
-    p = argparse.ArgumentParser(prog="launch plan", description="Memory, FLOPs and layouts of a recipe on a cluster, before queueing.")
+    p = argparse.ArgumentParser(prog="launch plan", description="Memory per pipeline rank, FLOPs and step time of a recipe on a "
+                                "cluster, before queueing; --search ranks every valid layout and finds the fewest nodes. "
+                                "Exit 0: fits; 1: does not; 2: bad input.",
+                                epilog="example: launch plan recipes/lora.py --cluster h100-8x64 --nodes 5 parallel.pp=5")
     p.add_argument("recipe", help="recipe file or shipped recipe name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.add_argument("--cluster", "-c", required=True, help="cluster profile name or path")

@@ -230,7 +230,10 @@ def parser(kind: str, stage: str | None = None):
     import argparse
 
     run_help = "run directory, run name or Slurm job id of a training run (in a pipeline: {stage})"
-    p = argparse.ArgumentParser(prog=f"launch {kind}", description={
+    examples = {"export": "launch export 20261202-101500-smoke-local --cluster local --format hf --dtype bf16",
+                "generate": 'launch generate 20261202-101500-smoke-local --cluster local --prompt "What is 3 + 4?"',
+                "eval": "launch eval 20261202-101500-smoke-local --cluster local --split test"}
+    p = argparse.ArgumentParser(prog=f"launch {kind}", epilog=f"example: {examples[kind]}", description={
         "export": "Export a run's checkpoint (any training layout) to a Hugging Face directory in the hub's DeepSeek-V3 "
                   "layout: the full model (hf), LoRA merged into it (merged) or a PEFT adapter (peft).",
         "generate": "Generate answers with a run's checkpoint or a Hugging Face directory, with MLA's compressed KV cache, "

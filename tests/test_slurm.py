@@ -81,6 +81,30 @@ def test_status_logs_list_cancel_on_running_and_failed_jobs(tmp_path):
     assert "exit 2:0" in out and "restarts 0" in out
     log = launch("logs", "--runs-dir", str(failed)).stdout
     assert "tokenizer has 261 tokens, model.vocab_size is 100" in log and "requeueing" not in log
+    assert "error  rank " in out and "tokenizer has 261 tokens" in out and "log    " in out, out  # why, and where
+
+
+def test_resume_after_cancel_continues_the_run_in_its_directory(tmp_path, trained):
+    """scancel -> the ranks checkpoint on SIGTERM -> CANCELLED; `launch resume` submits a new attempt in the same
+    run directory, which finishes with bitwise the losses of an uninterrupted run (trained by the local executor)."""
+    from conftest import FAST
+
+    reference = trained("uninterrupted-10", 2, "train.max_steps=10", "parallel.ep=2")
+    runs = tmp_path / "runs"
+    assert launch("smoke", "--cluster", "local-slurm", "--runs-dir", str(runs), *FAST, "train.max_steps=10", "parallel.ep=2").returncode == 0
+    run, job = the_run(runs)
+    wait_for_steps(run, 2)
+    assert f"cancelled job {job}" in launch("cancel", str(run)).stdout
+    wait_gone(job)
+    assert "CANCELLED" in launch("status", str(run)).stdout
+    res = launch("resume", str(run))
+    assert res.returncode == 0 and "submitted job" in res.stdout, res.stderr
+    new_job = str(yaml.safe_load((run / "submission.yaml").read_text())["job_id"])
+    assert new_job != job and (run / "attempts" / "1" / "submission.yaml").exists()
+    wait_gone(new_job)
+    assert "COMPLETED" in launch("status", str(run)).stdout
+    ref = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()] == ref
 
 
 def wait_for_steps(run: Path, steps: int, timeout: float = 60) -> None:
