@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,15 @@ def trained(cpu_env):
         return cache[key]
 
     return get
+
+
+def wait_for_run_steps(run_root: Path, steps: int, proc, timeout: float = 120) -> Path:
+    """The run directory under ``run_root`` once its metrics.jsonl has ``steps`` records (``proc``, the launch, still running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for m in run_root.glob("*/metrics.jsonl"):
+            if len(m.read_text().splitlines()) >= steps:
+                return m.parent
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")

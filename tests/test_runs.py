@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import FAST, ROOT, launch_cmd, train
+from conftest import FAST, ROOT, launch_cmd, train, wait_for_run_steps
 
 
 def losses(run: Path) -> list[float]:
@@ -69,23 +68,12 @@ def test_a_run_starts_from_another_runs_checkpoint(cpu_env, trained):
         assert not (cpu_env[1] / "refused").exists()
 
 
-def _wait_for_steps(run_root: Path, steps: int, proc, timeout=120) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for m in run_root.glob("*/metrics.jsonl"):
-            if len(m.read_text().splitlines()) >= steps:
-                return m.parent
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("training did not reach the step in time")
-
-
 def test_resume_after_cancel_continues_in_the_same_directory_bitwise(cpu_env, trained):
     long = ["train.max_steps=10", "parallel.ep=2"]
     reference = trained("uninterrupted-10", 2, *long)
     runs = cpu_env[1] / "cancelled"
     proc = subprocess.Popen(launch_cmd(runs, 2, *long), cwd=ROOT, env=cpu_env[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = _wait_for_steps(runs, 2, proc)
+    run = wait_for_run_steps(runs, 2, proc)
     assert "asked local run" in launch(cpu_env, "cancel", str(run)).stdout
     proc.communicate(timeout=120)
     status = launch(cpu_env, "status", str(run)).stdout

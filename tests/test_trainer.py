@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, launch_cmd, train
+from conftest import ROOT, launch_cmd, train, wait_for_run_steps
 
 pytest.importorskip("torch.distributed")
 
@@ -149,17 +149,6 @@ def test_pipeline_and_sequence_parallel_layouts_equal_single_process(env, refere
     assert max_diff(final_weights(run / "checkpoints"), ref_weights) <= 1e-4
 
 
-def _wait_for_step(run_root: Path, step: int, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for m in run_root.glob("*/metrics.jsonl"):
-            if len(m.read_text().splitlines()) >= step:
-                return m.parent
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("training did not reach the step in time")
-
-
 def test_sigusr2_checkpoints_and_exits_for_requeue_then_resume_is_bitwise(env):
     long = ["train.max_steps=12", "train.lr_schedule=cosine"]
     # uninterrupted reference
@@ -168,7 +157,7 @@ def test_sigusr2_checkpoints_and_exits_for_requeue_then_resume_is_bitwise(env):
     runs, ck = env[1] / "cut", env[1] / "ck-cut"
     proc = subprocess.Popen(launch_cmd(runs, 2, "parallel.ep=2", *long, f"checkpoint.save_dir={ck}"), cwd=ROOT, env=env[0],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = _wait_for_step(runs, 2, proc)
+    run = wait_for_run_steps(runs, 2, proc)
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
@@ -247,7 +236,7 @@ def test_sigterm_checkpoints_at_the_end_of_the_step(env):
     runs, ck = env[1] / "term", env[1] / "ck-term"
     proc = subprocess.Popen(launch_cmd(runs, 2, "parallel.ep=2", "train.max_steps=200", f"checkpoint.save_dir={ck}"), cwd=ROOT,
                             env=env[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = _wait_for_step(runs, 2, proc)
+    run = wait_for_run_steps(runs, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     stopped = len(losses(run))
