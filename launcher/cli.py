@@ -306,10 +306,10 @@ def cmd_follow(name: str, argv: list[str]) -> int:
         else:
             raise UserError(f"{run.name} is not running (nothing to cancel)", "RUN")
         return 0
-    return _print_log(jobs, run, job, args.follow)
+    return _print_log(jobs, run, args.follow)
 
 
-def _print_log(jobs, run: Path, job: str | None, follow: bool) -> int:
+def _print_log(jobs, run: Path, follow: bool) -> int:
     import time
 
     path = jobs.log_file(run)
@@ -324,9 +324,8 @@ def _print_log(jobs, run: Path, job: str | None, follow: bool) -> int:
                 sys.stdout.flush()
         if not follow:
             return 0 if path.exists() else _no_log(path)
-        st = jobs.status(job) if job else None
-        if job and (st is None or st.state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")):
-            return 0
+        if jobs.run_state(run).state.split()[0] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
+            return 0  # the job has ended (or was never started): nothing more will come
         time.sleep(1)
 
 
