@@ -13,12 +13,12 @@ import os
 import time
 from pathlib import Path
 
-import yaml
 
 from generation.runner import answer, encode_prompt, gather, open_model, progress_printer
 from launcher.cluster import ClusterProfile
 from launcher.config_io import load_yaml_into
 from launcher.errors import UserError
+from launcher.rundir import read_plan
 from launcher.tasks import PROMPTS_FILE, load_task, resolve_at_start
 from trainer.chat import stop_ids
 from trainer.entry import init_distributed, run_entry
@@ -31,7 +31,7 @@ def job_setup(run_dir: Path):
     try:
         task = resolve_at_start(load_task(run_dir))
         profile = load_yaml_into(ClusterProfile, run_dir / "cluster.yaml")
-        layout = yaml.safe_load((run_dir / "plan.yaml").read_text())["layout"]
+        layout = read_plan(run_dir)["layout"]
     except (UserError, OSError, KeyError, TypeError) as exc:
         raise SystemExit(f"moe-launch: error: {run_dir} is not a complete job run directory: {exc}") from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -45,7 +45,7 @@ _COMMANDS = [
 ]
 COMMANDS = "commands:\n" + "".join(f"  {usage:<46} {what}\n" + "".join(f"      {ex}\n" for ex in examples)
                                      for usage, what, examples in _COMMANDS) + (
-    "Each command has --help. Overrides use OmegaConf's dotlist form, e.g. train.max_steps=100 parallel.tp=4\n"
+    "Each command has --help. Overrides are key=value, taken literally: train.max_steps=100 parallel.tp=4\n"
     "model=deepseek-v2-lite; checkpoint.load=RUN[:STEP] starts a new run from an earlier one's weights.")
 
 
@@ -68,10 +68,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report_failure(recipe, recipe_path: Path, profile, pre, which: str | None = None) -> None:
-    """Every problem of one run; then what would fit (for a single run: sweeps and pipelines say it per run)."""
+    """Bad input: one line per wrong value, nothing else. A recipe that cannot run on this cluster: every
+    problem of the run, then what would fit (for a single run: sweeps and pipelines say it per run)."""
     from launcher.suggest import suggestions  # only on failure: re-checks variants
 
     err = sys.stderr
+    if pre.input_errors:  # one line per error; no warnings or advice around them
+        for p in pre.errors:
+            print(f"launch: error: {f'{which}: ' if which else ''}{p}", file=err)
+        return
     print(f"launch: error: recipe {recipe.name} ({recipe_path}){f', {which},' if which else ''} cannot run on {profile.describe()}:", file=err)
     for p in pre.errors:
         print(f"  {p}", file=err)
@@ -150,14 +155,19 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--top", type=int, default=10, help="layouts to show with --search (default 10)")
     args = p.parse_intermixed_args(argv)
     profile, _ = cluster.load_profile(args.cluster)
+    for flag, value in (("--nodes", args.nodes), ("--max-nodes", args.max_nodes), ("--top", args.top)):
+        if value is not None and value < 1:
+            raise UserError(f"must be >= 1, got {value}", flag)
     if args.nodes is not None:
-        if args.nodes < 1:
-            raise UserError(f"must be >= 1, got {args.nodes}", "--nodes")
         profile = dataclasses.replace(profile, nodes=args.nodes)
     recipe, recipe_path = recipe_loader.load_recipe(args.recipe)
     recipe = recipe_loader.apply_overrides(recipe, args.overrides)
     recipe = resume.resolve_load(recipe, rundir.runs_root(None, profile.runs_dir))
     pre = run_preflight(recipe, profile)
+    if pre.input_errors and pre.layout is None:  # wrong values: no plan to show, and no node count would fix them
+        for prob in pre.input_errors:
+            print(f"launch: error: {prob}", file=sys.stderr)
+        return EXIT_USAGE
     if pre.layout is not None and pre.memory is not None:
         for line in summary(recipe, args.recipe, profile, pre, plan_dict(recipe, profile, pre)):
             print(line)
@@ -169,6 +179,8 @@ def cmd_plan(argv: list[str]) -> int:
     if args.search:
         for line in search_lines(search.layouts(recipe, profile), profile, args.top):
             print(line)
+    if pre.input_errors:  # e.g. a missing input path: the plan stands, but no node count fixes this
+        return EXIT_USAGE
     if args.search or not ok:
         found = search.fewest_nodes(recipe, profile, args.max_nodes)
         if found:
@@ -236,6 +248,8 @@ def _list_runs(jobs, args) -> int:
 
     from launcher.plan import format_table
 
+    if args.limit < 0:
+        raise UserError(f"must be >= 0 (0: all runs), got {args.limit}", "--limit")
     roots = jobs.runs_roots(args.runs_dir, args.cluster)
     since = _since(args.since) if args.since else None
     states = [x.strip().lower() for x in args.state.split(",")] if args.state else None
@@ -419,28 +433,39 @@ def cmd_recipes() -> int:
     return 0
 
 
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["clusters"]:
+        return cmd_clusters()
+    if argv[:1] == ["recipes"]:
+        return cmd_recipes()
+    if argv[:1] == ["plan"]:
+        return cmd_plan(argv[1:])
+    if argv[:1] and argv[0] in ("status", "logs", "cancel", "list"):
+        return cmd_follow(argv[0], argv[1:])
+    if argv[:1] and argv[0] in ("export", "generate", "eval"):
+        return cmd_task(argv[0], argv[1:])
+    if argv[:1] == ["resume"]:
+        return cmd_resume(argv[1:])
+    args = _parser().parse_intermixed_args(argv)
+    return cmd_launch(args, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["clusters"]:
-            return cmd_clusters()
-        if argv[:1] == ["recipes"]:
-            return cmd_recipes()
-        if argv[:1] == ["plan"]:
-            return cmd_plan(argv[1:])
-        if argv[:1] and argv[0] in ("status", "logs", "cancel", "list"):
-            return cmd_follow(argv[0], argv[1:])
-        if argv[:1] and argv[0] in ("export", "generate", "eval"):
-            return cmd_task(argv[0], argv[1:])
-        if argv[:1] == ["resume"]:
-            return cmd_resume(argv[1:])
-        args = _parser().parse_intermixed_args(argv)
-        return cmd_launch(args, argv)
+        code = _dispatch(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
+        return code
     except UserError as exc:
         print(f"launch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `launch list | head -3`: the reader left; stop quietly as other tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
 
 
 if __name__ == "__main__":

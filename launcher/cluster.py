@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from launcher import config_io, paths
-from launcher.errors import ENV_NAME, UserError
+from launcher.errors import UserError
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ClusterProfile:
     gpu: Gpu = field(default_factory=Gpu)
     slurm: Slurm = field(default_factory=Slurm)
     container: Container = field(default_factory=Container)
-    env: Dict[str, str] = field(default_factory=dict)  # exported in the job (values taken literally)
+    env: Dict[str, str] = field(default_factory=dict, metadata={"multiline": True})  # exported in the job, byte for byte
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (shell code by design)
     runs_dir: Optional[str] = None  # where run directories go (shared filesystem); default ./runs
     python: Optional[str] = None  # interpreter on the nodes; default: the one running launch ("python" in a container)
@@ -81,7 +81,6 @@ class ClusterProfile:
         return f"{self.name} ({self.shape()})"
 
 
-CHOICES = {"executor": ("slurm", "local"), "device": ("cuda", "cpu")}
 # sbatch parses #SBATCH lines itself (no shell quoting there): values must stick to a safe set.
 SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/%-]+$")
 SBATCH_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:+=@/%-]+)?$")
@@ -140,20 +139,9 @@ def available() -> list[str]:
 def load_profile(name: str) -> tuple[ClusterProfile, Path]:
     """Load and type-check a profile by name or path; errors name the file and the key."""
     path = find_profile(name)
+    from launcher.validate import check_profile
+
     profile = config_io.load_yaml_into(ClusterProfile, path)
-    if name == path.stem and profile.name != name:
-        raise UserError(f"profile file {path} declares name {profile.name!r}; make it {name!r}", f"{path}: name")
-    for key, allowed in CHOICES.items():
-        if getattr(profile, key) not in allowed:
-            raise UserError(f"{getattr(profile, key)!r} is not valid; choose one of {', '.join(allowed)}", f"{path}: {key}")
-    for key in profile.env:
-        if not ENV_NAME.match(key):
-            raise UserError("not a valid environment variable name (letters, digits, '_', not starting with a digit)", f"{path}: env.{key}")
-    for key in ("nodes", "gpus_per_node"):
-        if getattr(profile, key) < 1:
-            raise UserError(f"must be >= 1, got {getattr(profile, key)}", f"{path}: {key}")
-    for key, low in (("signal_seconds", 0), ("max_requeues", 0), ("rdzv_timeout", 1), ("array_throttle", 1)):
-        if getattr(profile.slurm, key) is not None and getattr(profile.slurm, key) < low:
-            raise UserError(f"must be >= {low}, got {getattr(profile.slurm, key)}", f"{path}: slurm.{key}")
+    check_profile(profile, path)
     check_slurm_fields(profile, f"{path}: ")
     return profile, path

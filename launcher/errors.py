@@ -7,10 +7,7 @@ from dataclasses import dataclass
 
 EXIT_USAGE = 2
 
-# Characters that never belong in a config string: newlines and other control characters break the
-# one-line-per-value formats (YAML scalars, #SBATCH lines, environment variables) that values end up in.
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a valid environment variable name
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class UserError(Exception):
@@ -28,20 +25,7 @@ class Problem:
     severity: str  # "error" | "warning"
     field: str
     message: str
+    fit: bool = False  # another layout, node count or cluster could fix it (else: the input itself is wrong)
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
-
-
-def check_no_control_chars(value: object, where: str) -> None:
-    """Reject newlines and control characters anywhere in a (nested) config value."""
-    if isinstance(value, str):
-        if _CONTROL.search(value):
-            raise UserError(f"contains a newline or control character: {value!r}; use a single-line value", where)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_no_control_chars(str(k), f"{where}.{k}")
-            check_no_control_chars(v, f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_no_control_chars(v, f"{where}[{i}]")

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from launcher.errors import UserError
-from launcher.tasks import ENTRY_MODULES
 
-TASKS = tuple(ENTRY_MODULES)  # export, generate, eval
+TASKS = ("export", "generate", "eval")  # jobs on a trained model (launcher.tasks); not imported here: it is big
 
 STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
@@ -47,8 +46,10 @@ class Pipeline:
 
 def check(p: Pipeline, where: str) -> None:
     """Structure errors, one line naming the stage and field."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", p.name):
-        raise UserError(f"{p.name!r} is not valid; use letters, digits, '.', '_' or '-'", f"{where}: name")
+    from launcher.validate import SAFE_NAME, SAFE_NAME_RULE
+
+    if not isinstance(p.name, str) or not SAFE_NAME.fullmatch(p.name):
+        raise UserError(f"{p.name!r} is not valid; {SAFE_NAME_RULE} (it names the run directories)", f"{where}: name")
     if not p.stages:
         raise UserError("a pipeline needs at least one stage", f"{where}: stages")
     seen: set[str] = set()

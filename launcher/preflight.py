@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 from pathlib import Path
 
-from launcher import memory, resume
+from launcher import memory, resume, sft_format
 from launcher.cluster import ClusterProfile
 from launcher.errors import Problem
 from launcher.layout import Layout, split_layers
 from launcher.recipe import Recipe, fingerprint
-from launcher.recipe_loader import validate_fields
+from launcher.validate import recipe_problems
 
 
 @lru_cache(maxsize=4096)
@@ -56,6 +56,11 @@ class Preflight:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def input_errors(self) -> list[Problem]:
+        """Errors no layout, node count or cluster can fix: the recipe's own values are wrong."""
+        return [p for p in self.errors if not p.fit]
+
 
 def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp: int, cp: int, ep: int, etp: int,
                  memory_check: bool = True) -> Preflight:
@@ -64,7 +69,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
     world, gpn = profile.world_size, profile.gpus_per_node
     errs: list[Problem] = []
     warns: list[Problem] = []
-    E = lambda f, msg: errs.append(Problem("error", f, msg))  # noqa: E731
+    E = lambda f, msg: errs.append(Problem("error", f, msg, fit=True))  # noqa: E731
     W = lambda f, msg: warns.append(Problem("warning", f, msg))  # noqa: E731
 
     # attention heads and hidden dims across TP
@@ -144,15 +149,15 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         pre.memory_layout = est_lay
         if memory_check and pre.memory.verdict == "won't fit":
             note = f" with EP={fit_ep}, the most this layout can hold" if fit_ep != ep else ""
-            pre.problems.insert(len(errs), Problem("error", "memory", pre.memory.summary() + note))
+            pre.problems.insert(len(errs), Problem("error", "memory", pre.memory.summary() + note, fit=True))
         elif pre.memory.verdict == "at risk":
             pre.problems.append(Problem("warning", "memory", pre.memory.summary()))
     return pre
 
 
 def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[str, ...] = ()) -> list[Problem]:
-    """Checks that do not depend on the layout."""
-    out = validate_fields(recipe)
+    """Checks that do not depend on the layout, beyond the fields' own values (validate.recipe_problems)."""
+    out = []
     if recipe.peft.method == "lora":
         valid = recipe.model.lora_target_modules()
         bad = [t for t in recipe.peft.targets if t not in valid]
@@ -160,17 +165,19 @@ def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[st
             out.append(Problem("error", "peft.targets", f"{_fmt(bad) if bad else 'empty'}: not in model {recipe.model.name}; valid: {_fmt(valid)}"))
     if recipe.backend.name == "nemo":
         if profile.executor == "local":
-            out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster"))
+            out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster", fit=True))
         elif not (recipe.backend.container_image or profile.container.image):
-            out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09"))
-    if recipe.train.eval_interval:
-        if recipe.data.kind != "sft":
-            out.append(Problem("error", "train.eval_interval", "validation during training needs SFT data with a validation "
-                                                               "split (data.kind=sft); set train.eval_interval=0"))
-        elif recipe.data.path and os.path.isdir(os.path.expanduser(recipe.data.path)) \
-                and not os.path.isfile(os.path.join(os.path.expanduser(recipe.data.path), "validation.jsonl")):
-            out.append(Problem("error", "train.eval_interval", f"{recipe.data.path} has no validation.jsonl to validate on; "
-                                                               "set train.eval_interval=0 or add the split"))
+            out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09", fit=True))
+    if recipe.train.eval_interval and recipe.data.kind != "sft":
+        out.append(Problem("error", "train.eval_interval", "validation during training needs SFT data with a validation "
+                                                           "split (data.kind=sft); set train.eval_interval=0"))
+    data = os.path.expanduser(recipe.data.path) if recipe.data.path else None
+    if recipe.data.kind == "sft" and data and os.path.isdir(data):  # the first records of each split, where visible
+        need = ("training", "validation") if recipe.train.eval_interval else ("training",)
+        for key, message in sft_format.check_directory(data, need):
+            if "validation.jsonl" in message and message.endswith("has no validation.jsonl"):
+                key, message = "train.eval_interval", f"{message} to validate on; set train.eval_interval=0 or add the split"
+            out.append(Problem("error", key, message))
     out += _path_problems(recipe, profile, produced)
     return out
 
@@ -217,7 +224,10 @@ def _preference(pre: Preflight, gpn: int) -> tuple:
 def run_preflight(recipe: Recipe, profile: ClusterProfile, memory_check: bool = True, produced: tuple[str, ...] = ()) -> Preflight:
     """Check ``recipe`` against ``profile``, deriving unset layout dimensions. ``produced``: directories
     earlier pipeline stages will have written by the time this job starts."""
-    base = _recipe_problems(recipe, profile, produced)
+    fields = recipe_problems(recipe)
+    if any(p.severity == "error" for p in fields):
+        return Preflight(None, fields)  # wrong values: no layout arithmetic on them (a zero where a divisor goes)
+    base = fields + _recipe_problems(recipe, profile, produced)
     par = recipe.parallel
     unset = tuple(k for k in ("tp", "pp", "ep") if getattr(par, k) is None)
     tried = [check_layout(recipe, profile, *c, memory_check=memory_check) for c in _candidates(recipe, profile)]
@@ -228,9 +238,9 @@ def run_preflight(recipe: Recipe, profile: ClusterProfile, memory_check: bool = 
         # nothing valid: report the candidate with the fewest errors (the recipe's own values when all are fixed)
         best = min(tried, key=lambda p: len(p.errors))
         if unset:
-            best.problems.insert(0, Problem("error", "parallel", f"no value of {', '.join('parallel.' + k for k in unset)} gives a valid layout on {profile.describe()}; showing the closest"))
+            best.problems.insert(0, Problem("error", "parallel", f"no value of {', '.join('parallel.' + k for k in unset)} gives a valid layout on {profile.describe()}; showing the closest", fit=True))
     else:
-        best = Preflight(None, [Problem("error", "parallel", f"no layout divides the {profile.world_size} GPUs of {profile.name}")])
+        best = Preflight(None, [Problem("error", "parallel", f"no layout divides the {profile.world_size} GPUs of {profile.name}", fit=True)])
     if best.layout is not None:
         derived = tuple(k for k in ("tp", "pp", "vpp", "ep", "etp", "cp") if getattr(par, k) is None)
         best.layout = Layout(**{**best.layout.__dict__, "derived": derived})

@@ -6,13 +6,12 @@ import datetime as dt
 import getpass
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jinja2
-import omegaconf
+import yaml
 
 import launcher
 
@@ -37,10 +36,10 @@ def metadata(argv: list[str], recipe_path: Path, dry_run: bool) -> dict:
         "cwd": os.getcwd(),
         "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "user": getpass.getuser(),
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,  # socket.gethostname() without importing socket
         "dry_run": dry_run,
         "recipe_file": str(recipe_path.resolve()),
         "git": git_state(recipe_path.resolve()),
         "versions": {"moe-launch": launcher.__version__, "python": sys.version.split()[0],
-                     "omegaconf": omegaconf.__version__, "jinja2": jinja2.__version__},
+                     "pyyaml": yaml.__version__, "jinja2": jinja2.__version__},
     }

@@ -1,13 +1,12 @@
 """The recipe schema: typed dataclasses describing one training job.
 
-A recipe file (``recipes/*.py``) defines ``recipe() -> Recipe``. These classes double as OmegaConf
-structured configs, so overrides and YAML round trips are type-checked against them.
+A recipe file (``recipes/*.py``) defines ``recipe() -> Recipe``. Overrides and YAML round trips are
+type-checked against these classes (launcher.config_io); value ranges live in launcher.validate.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -100,11 +99,13 @@ class Recipe:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     peft: Peft = field(default_factory=Peft)
     backend: Backend = field(default_factory=Backend)
-    env: Dict[str, str] = field(default_factory=dict)  # extra environment for the job
+    # extra environment for the job: values reach it byte for byte (shell-quoted), newlines included
+    env: Dict[str, str] = field(default_factory=dict, metadata={"multiline": True})
 
 
 def fingerprint(recipe: "Recipe") -> str:
     """What must not change across a resume: the model and the PEFT setup."""
+    import hashlib  # here: importing it costs a dry run ~5 ms, and only resumes need it
     blob = json.dumps({"model": dataclasses.asdict(recipe.model), "peft": dataclasses.asdict(recipe.peft)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 import sys
 import traceback
 from pathlib import Path
 
 from launcher import config_io, paths
-from launcher.errors import ENV_NAME, Problem, UserError, check_no_control_chars
-from launcher.recipe import CHOICES, Recipe
+from launcher.errors import UserError
+from launcher.recipe import Recipe
 from model.presets import PRESETS
 
 
@@ -93,51 +92,3 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         else:
             rest.append(item)
     return config_io.apply_dotlist(recipe, rest) if rest else recipe
-
-
-def _get(obj: object, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def validate_fields(recipe: Recipe) -> list[Problem]:
-    """Field-level problems (choices, ranges, names). Layout checks live in preflight.py."""
-    problems: list[Problem] = []
-
-    def add(field: str, message: str) -> None:
-        problems.append(Problem("error", field, message))
-
-    try:
-        check_no_control_chars(dataclasses.asdict(recipe), "recipe")
-    except UserError as exc:
-        add(exc.field, str(exc).split(": ", 1)[1])
-    for key, allowed in CHOICES.items():
-        value = _get(recipe, key)
-        if value not in allowed:
-            add(key, f"{value!r} is not valid; choose one of {', '.join(allowed)}")
-    positive = ["train.global_batch_size", "train.micro_batch_size", "train.max_steps", "data.seq_length",
-                "checkpoint.interval", "checkpoint.keep", "model.num_hidden_layers", "model.hidden_size",
-                "model.num_attention_heads", "model.vocab_size"]
-    positive += [f"parallel.{k}" for k in ("tp", "pp", "vpp", "ep", "etp", "cp", "dp") if getattr(recipe.parallel, k) is not None]
-    for key in positive:
-        if _get(recipe, key) < 1:
-            add(key, f"must be >= 1, got {_get(recipe, key)}")
-    for key in ("train.lr", "train.min_lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps"):
-        if _get(recipe, key) < 0:
-            add(key, f"must be >= 0, got {_get(recipe, key)}")
-    if recipe.train.min_lr > recipe.train.lr:
-        add("train.min_lr", f"{recipe.train.min_lr} is above train.lr {recipe.train.lr}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", recipe.name):
-        add("name", f"{recipe.name!r} is not valid; use letters, digits, '.', '_' or '-' (it names the job and run directory)")
-    for k in recipe.env:
-        if not ENV_NAME.match(k):
-            add(f"env.{k}", "not a valid environment variable name (letters, digits, '_', not starting with a digit)")
-    m = recipe.model
-    if m.n_routed_experts and not 1 <= m.num_experts_per_tok <= m.n_routed_experts:
-        add("model.num_experts_per_tok", f"{m.num_experts_per_tok} must be between 1 and n_routed_experts ({m.n_routed_experts})")
-    if m.n_routed_experts and (m.n_group < 1 or m.n_routed_experts % m.n_group or not 1 <= m.topk_group <= m.n_group):
-        add("model.n_group", f"{m.n_group} groups with topk_group {m.topk_group} do not split {m.n_routed_experts} experts; n_group must divide the experts and 1 <= topk_group <= n_group")
-    if recipe.peft.method == "lora" and (recipe.peft.rank < 1 or recipe.peft.alpha <= 0):
-        add("peft.rank", f"LoRA needs rank >= 1 and alpha > 0, got rank {recipe.peft.rank}, alpha {recipe.peft.alpha}")
-    return problems

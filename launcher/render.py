@@ -8,6 +8,7 @@ string fails to render instead of producing an injectable script.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -45,10 +46,23 @@ def _finalize(value: object) -> object:
     return value
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates under $XDG_CACHE_HOME/moe-launch/jinja: compiling them is a third of a dry run's
+    own work. Keyed by Jinja on the template's source, so an edited template recompiles."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(root, "moe-launch", "jinja")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: compile every time
+    return jinja2.FileSystemBytecodeCache(directory)
+
+
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(paths.data_dir("templates") / "sbatch")),
+        bytecode_cache=_bytecode_cache(),
         undefined=jinja2.StrictUndefined,
         finalize=_finalize,
         keep_trailing_newline=True,

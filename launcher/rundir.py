@@ -68,11 +68,29 @@ def create(final: Path, files: dict[str, str]) -> None:
 
 
 def dump(data: object) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    from launcher.config_io import dump_yaml
+
+    return dump_yaml(data)
 
 
 def read(run_dir: Path, name: str) -> dict:
     return yaml.safe_load((run_dir / name).read_text()) or {}
+
+
+LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp")
+
+
+def read_plan(run_dir: Path) -> dict:
+    """``plan.yaml`` of a run directory as the job reads it; UserError names the file when it is missing or corrupt."""
+    file = Path(run_dir) / "plan.yaml"
+    try:
+        plan = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read the plan ({type(exc).__name__}); re-launch to write a new run directory", str(file)) from None
+    layout = plan.get("layout") if isinstance(plan, dict) else None
+    if not isinstance(layout, dict) or not all(isinstance(layout.get(k), int) and layout[k] >= 1 for k in LAYOUT_KEYS):
+        raise UserError(f"has no valid layout ({', '.join(LAYOUT_KEYS)} >= 1); re-launch to write a new run directory", str(file))
+    return plan
 
 
 def load_run_recipe(run: Path):

@@ -7,6 +7,7 @@ and both are written so either version loads our exports.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from model.config import ModelConfig, RopeScaling
@@ -19,10 +20,39 @@ _HF_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediat
               "initializer_range"]
 _ROPE_FIELDS = ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"]
 
+# What a key left out of config.json (or null, q_lora_rank excepted) means, per model_type: transformers'
+# DeepseekV3Config / DeepseekV2Config defaults (5.x), so a file loads here as it does there. scoring_func and
+# topk_method are no transformers config fields: its DeepseekV3 router is always sigmoid + noaux_tc, its
+# DeepseekV2 router softmax (topk_method default "greedy"); V2's n_group/topk_group default None = no groups.
+# Not here: num_nextn_predict_layers (MTP is outside transformers' forward; absent = none), aux_loss_alpha
+# (training only), V2's num_experts_per_tok (no default there). Other model_types: ModelConfig's defaults.
+_FAMILY_DEFAULTS: dict[str, dict] = {
+    "deepseek_v3": {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+                    "num_hidden_layers": 61, "num_attention_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
+                    "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+                    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+                    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 4096, "tie_word_embeddings": False, "initializer_range": 0.02},
+    "deepseek_v2": {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+                    "n_shared_experts": 2, "first_k_dense_replace": 0,
+                    "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                    "norm_topk_prob": False, "routed_scaling_factor": 1.0, "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 2048, "tie_word_embeddings": False, "initializer_range": 0.02},
+}
+
 
 def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     """ModelConfig from a config.json dict (transformers v4 ``rope_scaling`` or v5 ``rope_parameters``)."""
-    fields = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
+    model_type = hf.get("model_type")
+    present = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
+    fields = {**_FAMILY_DEFAULTS.get(model_type, {}), **present}
+    if model_type == "deepseek_v2" and fields["norm_topk_prob"]:
+        # transformers' DeepseekV2TopkRouter never renormalises (DeepSeek's own V2 code would, for k > 1)
+        warnings.warn("deepseek_v2 config sets norm_topk_prob; transformers' DeepseekV2 ignores it: loaded as false", stacklevel=2)
+        fields["norm_topk_prob"] = False
     cfg = ModelConfig(name=name, **fields)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))

@@ -3,9 +3,11 @@
 Routing (per token, scores in fp32):
 - V3 (``sigmoid``/``noaux_tc``): s = sigmoid(x W^T); choose with s + correction bias, restricted to the
   ``topk_group`` expert groups with the best sum of their top-2 biased scores; weights are the
-  *unbiased* s of the chosen experts, renormalised (norm_topk_prob) and multiplied by routed_scaling.
+  *unbiased* s of the chosen experts, renormalised (norm_topk_prob: w / (sum w + 1e-20), for any k,
+  k = 1 included) and then multiplied by routed_scaling.
 - V2 (``softmax``/``greedy`` or ``group_limited_greedy``): s = softmax(x W^T); top-k (within the best
-  groups by max score for the group-limited variant).
+  groups by max score for the group-limited variant); weights s * routed_scaling (V2 checkpoints have
+  norm_topk_prob false; transformers' DeepseekV2 never renormalises, see ``model.hf_config``).
 
 Aux-loss-free balancing: each MoE layer counts the tokens sent to each expert (``tokens_per_expert``,
 no gradient); :func:`update_expert_bias` moves the correction bias against the load, outside autograd.
@@ -62,7 +64,7 @@ class Router(nn.Module):
             choice = choice.masked_fill(~group_mask.repeat_interleave(self.n_experts // cfg.n_group, dim=1), float("-inf"))
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob and self.top_k > 1:
+        if cfg.norm_topk_prob:  # for any k, k = 1 included (transformers' DeepseekV3TopkRouter; not only k > 1)
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, ids, scores
 

@@ -15,6 +15,27 @@ def isolated_search_path(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("MOE_LAUNCH_CLUSTERS", raising=False)
     monkeypatch.delenv("MOE_LAUNCH_RUNS", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))  # compiled templates
+
+
+def _git_status() -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=all"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def working_tree_left_as_found():
+    """Tests write only into temporary directories: the checkout's git status is the same after the suite."""
+    before = None if os.environ.get("UPDATE_GOLDEN") else _git_status()  # updating goldens changes the tree on purpose
+    yield
+    after = _git_status()
+    if before is not None and after is not None and after != before:
+        new = sorted(set(after.splitlines()) - set(before.splitlines()))
+        pytest.fail(f"the test suite changed the working tree: {new or after.splitlines()}", pytrace=False)
 
 
 def run_launch(*args, cwd=None, env=None, timeout=60):
@@ -42,7 +63,7 @@ def cpu_env(tmp_path_factory):
             f"name: cpu{n}\nexecutor: local\ndevice: cpu\nnodes: 1\ngpus_per_node: {n}\n"
             "gpu: {type: cpu, memory_gb: 8, peak_tflops: 1.0, assumed_mfu: 0.1}\nenv: {OMP_NUM_THREADS: '1'}\n")
     return {**os.environ, "MOE_LAUNCH_CLUSTERS": str(profiles), "MOE_LAUNCH_DATA_CACHE": str(base / "data"),
-            "XDG_CONFIG_HOME": str(base / "xdg")}, base
+            "XDG_CONFIG_HOME": str(base / "xdg"), "XDG_CACHE_HOME": str(base / "xdg-cache")}, base
 
 
 def launch_cmd(runs, procs, *overrides):

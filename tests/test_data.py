@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from launcher.errors import UserError
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
@@ -117,12 +119,12 @@ def test_sft_jsonl_synonyms_and_malformed_lines(tmp_path):
     bad = tmp_path / "bad" / "training.jsonl"
     bad.parent.mkdir()
     bad.write_text('{"input": "a", "output": "b"}\n\n{"input": "a", oops}\n')
-    with pytest.raises(ValueError, match=r"training\.jsonl, line 3: invalid JSON"):
+    with pytest.raises(UserError, match=r"training\.jsonl: line 3: invalid JSON"):
         read_sft_jsonl(bad)
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "a"}\n')
-    with pytest.raises(ValueError, match=r"line 2: needs string fields"):
+    with pytest.raises(UserError, match=r"line 2: needs string fields"):
         read_sft_jsonl(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="no such file"):
         load_sft_split(tmp_path / "bad", "validation", ByteTokenizer())
 
 

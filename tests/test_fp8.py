@@ -3,19 +3,24 @@
 import hashlib
 import json
 import math
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from conftest import ROOT
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from conftest import ROOT  # noqa: E402
-from model.fp8 import convert_fp8_to_bf16, dequantize, main  # noqa: E402
+from model import fp8
+from model.fp8 import ConvertError, convert_fp8_to_bf16, dequantize, main
 
 BS = 128
 FP8 = torch.float8_e4m3fn
@@ -207,12 +212,15 @@ def test_existing_destination(sharded, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="not empty"):
-        convert_fp8_to_bf16(src, dst, log=lambda m: None)
-    assert (dst / "keep.txt").read_text() == "x"
+    for overwrite in (False, True):  # --overwrite replaces only an earlier output (a dir holding *.safetensors)
+        with pytest.raises(ValueError, match="not empty" if not overwrite else "not an earlier output"):
+            convert_fp8_to_bf16(src, dst, overwrite=overwrite, log=lambda m: None)
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    (dst / "old.safetensors").write_bytes(b"")
     convert_fp8_to_bf16(src, dst, overwrite=True, log=lambda m: None)
     assert not (dst / "keep.txt").exists() and (dst / INDEX).is_file()
-    with pytest.raises(ValueError, match="outside the source"):
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or set-aside dir left
+    with pytest.raises(ValueError, match="inside the source"):
         convert_fp8_to_bf16(src, src / "bf16", log=lambda m: None)
 
 
@@ -223,7 +231,10 @@ def test_cli_in_process(sharded, tmp_path, capsys):
     assert err.startswith("moe-convert-fp8: error: ") and "nope" in err and err.count("\n") == 1
     assert main([str(src), str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
-    assert captured.out.count("\n") == 1 and "3 shards" in captured.out and "5 tensors dequantized" in captured.out
+    assert captured.err == ""  # progress goes to stdout, stderr is for the error line only
+    *progress, last = captured.out.splitlines()
+    assert [line.split()[0] for line in progress] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert last.startswith("moe-convert-fp8: wrote") and "3 shards" in last and "5 tensors dequantized" in last
     assert main([str(src), str(tmp_path / "out")]) == 2  # now non-empty
     err = capsys.readouterr().err
     assert err.startswith("moe-convert-fp8: error: ") and err.count("\n") == 1
@@ -231,11 +242,365 @@ def test_cli_in_process(sharded, tmp_path, capsys):
 
 def test_cli_subprocess(sharded, tmp_path):
     src = sharded[0]
-    res = subprocess.run([sys.executable, "-m", "model.fp8", str(src), str(tmp_path / "out")],
+    res = subprocess.run([sys.executable, "-m", "model.fp8", str(src), str(tmp_path / "out")], check=False,
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("moe-convert-fp8: wrote") and res.stdout.count("\n") == 1
+    assert res.stderr == "" and res.stdout.splitlines()[-1].startswith("moe-convert-fp8: wrote")
     assert (tmp_path / "out" / INDEX).is_file()
+
+
+# ----------------------------------------------------------------------------- bad inputs: one line, exit 2
+# Every failure: exit 2, exactly one stderr line "moe-convert-fp8: error: <file>: ...", no traceback, and no
+# output (a pre-existing output directory unchanged) and no staging directory left behind.
+S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+def tiny_shards(b_scale=None, b_weight=None):
+    """Two shards of tiny tensors; b.weight (FP8) and its scale can be replaced."""
+    gen = torch.Generator().manual_seed(5)
+    a, a_s = fp8_pair((4, 6), gen)
+    b, b_s = fp8_pair((5, 3), gen)
+    b_pair = {"b.weight": b if b_weight is None else b_weight}
+    if b_scale is not False:
+        b_pair["b.weight_scale_inv"] = b_s if b_scale is None else b_scale
+    return {S1: {"a.weight": a, "a.weight_scale_inv": a_s, "norm.weight": torch.ones(6, dtype=torch.bfloat16)},
+            S2: {**b_pair, "c.bias": torch.zeros(3)}}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(src, dst): a two-shard tiny FP8 checkpoint with an index, and a destination that does not exist yet."""
+    src = tmp_path / "src"
+    write_checkpoint(src, tiny_shards())
+    return src, tmp_path / "out"
+
+
+def truncate(path, keep=None):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 7 if keep is None else keep])
+
+
+def set_index(src, index):
+    (src / INDEX).write_text(index if isinstance(index, str) else json.dumps(index))
+
+
+BREAKERS = {}  # name -> f(src, dst) mutating the fixture; returns (argv, strings the error line must name)
+
+
+def breaker(fn):
+    BREAKERS[fn.__name__] = fn
+    return fn
+
+
+@breaker
+def src_missing(src, dst):
+    shutil.rmtree(src)
+    return [src, dst], [src, "no such directory"]
+
+
+@breaker
+def src_is_a_file(src, dst):
+    shutil.rmtree(src)
+    src.write_text("x")
+    return [src, dst], [src, "not a directory"]
+
+
+@breaker
+def src_has_no_checkpoint(src, dst):
+    shutil.rmtree(src)
+    src.mkdir()
+    return [src, dst], [src, INDEX, "model.safetensors"]
+
+
+@breaker
+def shards_without_index(src, dst):
+    (src / INDEX).unlink()
+    return [src, dst], [src, INDEX, S1]
+
+
+@breaker
+def index_not_json(src, dst):
+    set_index(src, '{"weight_map": {')
+    return [src, dst], [src / INDEX, "not valid JSON", "weight_map"]
+
+
+@breaker
+def index_is_a_list(src, dst):
+    set_index(src, [])
+    return [src, dst], [src / INDEX, "weight_map"]
+
+
+@breaker
+def index_without_weight_map(src, dst):
+    set_index(src, {"metadata": {}})
+    return [src, dst], [src / INDEX, "weight_map"]
+
+
+@breaker
+def index_shard_outside_dir(src, dst):
+    set_index(src, {"weight_map": {"a.weight": "../elsewhere.safetensors"}})
+    return [src, dst], [src / INDEX, "../elsewhere.safetensors"]
+
+
+@breaker
+def index_metadata_not_object(src, dst):
+    set_index(src, {"metadata": [1], "weight_map": json.loads((src / INDEX).read_text())["weight_map"]})
+    return [src, dst], [src / INDEX, "metadata"]
+
+
+@breaker
+def index_names_missing_shard(src, dst):
+    (src / S2).unlink()
+    return [src, dst], [src / S2, "missing"]
+
+
+@breaker
+def index_lists_absent_tensor(src, dst):
+    index = json.loads((src / INDEX).read_text())
+    index["weight_map"]["ghost.weight"] = S1
+    set_index(src, index)
+    return [src, dst], [src / S1, "ghost.weight"]
+
+
+@breaker
+def first_shard_header_truncated(src, dst):
+    truncate(src / S1, keep=5)
+    return [src, dst], [src / S1, "truncated"]
+
+
+@breaker
+def first_shard_garbage(src, dst):
+    (src / S1).write_bytes(b"\xff" * 64)
+    return [src, dst], [src / S1, "corrupt"]
+
+
+@breaker
+def second_shard_truncated(src, dst):
+    truncate(src / S2)
+    return [src, dst], [src / S2, "truncated"]
+
+
+@breaker
+def single_file_truncated(src, dst):
+    shutil.rmtree(src)
+    write_checkpoint(src, {"model.safetensors": tiny_shards()[S1]})
+    truncate(src / "model.safetensors")
+    return [src, dst], [src / "model.safetensors"]
+
+
+@breaker
+def fp8_without_scale(src, dst):
+    shutil.rmtree(src)
+    write_checkpoint(src, tiny_shards(b_scale=False))
+    return [src, dst], [src / S2, "b.weight", "b.weight_scale_inv"]
+
+
+@breaker
+def scale_shape_wrong(src, dst):
+    shutil.rmtree(src)
+    write_checkpoint(src, tiny_shards(b_scale=torch.ones(2, 2)))
+    return [src, dst], [src / S2, "b.weight_scale_inv", "[2, 2]", "[1, 1]"]
+
+
+@breaker
+def fp8_weight_not_2d(src, dst):
+    shutil.rmtree(src)
+    write_checkpoint(src, tiny_shards(b_weight=torch.zeros(2, 2, 2).to(FP8)))
+    return [src, dst], [src / S2, "b.weight", "2-D"]
+
+
+@breaker
+def config_not_json(src, dst):
+    (src / "config.json").write_text("{")
+    return [src, dst], [src / "config.json", "not valid JSON"]
+
+
+@breaker
+def config_is_a_list(src, dst):
+    (src / "config.json").write_text("[]")
+    return [src, dst], [src / "config.json", "JSON list"]
+
+
+@breaker
+def dst_inside_src(src, dst):
+    return [src, src / "bf16"], [src / "bf16", "inside the source"]
+
+
+@breaker
+def dst_contains_src(src, dst):
+    return [src, src.parent], [src.parent, "inside the source"]
+
+
+@breaker
+def dst_not_empty(src, dst):
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    return [src, dst], [dst, "not empty"]
+
+
+@breaker
+def dst_not_empty_overwrite(src, dst):
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    return [src, dst, "--overwrite"], [dst, "not an earlier output"]
+
+
+@breaker
+def dst_is_a_file(src, dst):
+    dst.write_text("mine")
+    return [src, dst], [dst, "not a directory"]
+
+
+@breaker
+def dst_is_a_symlink(src, dst):
+    (dst.parent / "real").mkdir()
+    dst.symlink_to(dst.parent / "real")
+    return [src, dst], [dst, "symbolic link"]
+
+
+@breaker
+def unknown_option(src, dst):
+    return [src, dst, "--block-size", "0"], ["--block-size", "usage:"]
+
+
+@breaker
+def missing_argument(src, dst):
+    return [src], ["dst", "usage:"]
+
+
+def snapshot(path):
+    """What must survive a failed run unchanged: a file's bytes, a directory tree, a link's target."""
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_file():
+        return ("file", path.read_bytes())
+    return ("dir", tree_hashes(path)) if path.is_dir() else None
+
+
+def assert_one_error(rc, err, names):
+    assert rc == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("moe-convert-fp8: error: "), err
+    for name in names:
+        assert str(name) in err, (name, err)
+
+
+@pytest.mark.parametrize("name", sorted(BREAKERS))
+def test_bad_input_one_error_line(name, tiny, capsys):
+    src, dst = tiny
+    argv, names = BREAKERS[name](src, dst)
+    out_path = Path(argv[1]) if len(argv) > 1 else dst
+    before = snapshot(out_path)
+    rc = main([str(a) for a in argv])
+    assert_one_error(rc, capsys.readouterr().err, names)
+    assert snapshot(out_path) == before  # None: still absent
+    assert not (out_path.parent / f".{out_path.name}.partial").exists()
+
+
+def test_shard_truncated_after_others_converted(tiny, capsys, monkeypatch):
+    """The second shard is cut short once the first is converted: the error names it, nothing is left."""
+    src, dst = tiny
+    dst = dst.parent / "new" / "deeper" / "out"  # its parents are created, and removed again on failure
+    real_inspect = fp8._inspect
+
+    def inspect_then_truncate(*args):  # after the header check passed, before any shard is converted
+        result = real_inspect(*args)
+        truncate(src / S2)
+        return result
+
+    monkeypatch.setattr(fp8, "_inspect", inspect_then_truncate)
+    rc = main([str(src), str(dst)])
+    out, err = capsys.readouterr()
+    assert out.startswith(f"[1/2] {S1}")  # the first shard was converted
+    assert_one_error(rc, err, [src / S2, "truncated"])
+    assert not (src.parent / "new").exists()
+
+
+def test_write_failure_leaves_earlier_output_alone(tiny, capsys, monkeypatch):
+    """--overwrite over an earlier output: a failure midway (disk full) leaves that output as it was."""
+    src, dst = tiny
+    assert main([str(src), str(dst)]) == 0
+    before = tree_hashes(dst)
+    real_save, calls = fp8.save_file, []
+
+    def save_then_fail(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(fp8, "save_file", save_then_fail)
+    capsys.readouterr()
+    rc = main([str(src), str(dst), "--overwrite"])
+    assert_one_error(rc, capsys.readouterr().err, [dst, S2, "No space left"])
+    assert tree_hashes(dst) == before
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["out", "src"]  # no staging or set-aside dir
+
+
+def test_files_appearing_in_empty_dst_are_kept(tiny, capsys, monkeypatch):
+    """An empty DST that the user writes into during the run is not replaced at the end."""
+    src, dst = tiny
+    dst.mkdir()
+    real_copy = fp8._copy_extras
+
+    def copy_and_user_writes(*args):
+        real_copy(*args)
+        (dst / "late.txt").write_text("mine")
+
+    monkeypatch.setattr(fp8, "_copy_extras", copy_and_user_writes)
+    rc = main([str(src), str(dst)])
+    assert_one_error(rc, capsys.readouterr().err, [dst, "left alone"])
+    assert sorted(p.name for p in dst.iterdir()) == ["late.txt"]
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["out", "src"]
+
+
+def test_stale_staging_dir_is_replaced(tiny, capsys):
+    src, dst = tiny
+    staging = dst.parent / ".out.partial"
+    staging.mkdir()
+    (staging / fp8._STAGING_MARKER).write_text(json.dumps({"pid": 0, "host": socket.gethostname()}))
+    (staging / S1).write_bytes(b"half")
+    assert main([str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert f"removing {staging}" in out and "interrupted" in out
+    assert not staging.exists() and load_file(dst / S1).keys() == {"a.weight", "norm.weight"}
+    assert not (dst / fp8._STAGING_MARKER).exists()
+
+
+@pytest.mark.parametrize("kind", ["not-ours", "running"])
+def test_staging_path_not_ours_is_left_alone(kind, tiny, capsys):
+    """A directory at the staging path without our marker, or one a live conversion writes, is never removed."""
+    src, dst = tiny
+    staging = dst.parent / ".out.partial"
+    staging.mkdir()
+    if kind == "running":
+        (staging / fp8._STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    else:
+        (staging / "mine.txt").write_text("mine")
+    before = tree_hashes(staging)
+    rc = main([str(src), str(dst)])
+    assert_one_error(rc, capsys.readouterr().err, [staging, "another moe-convert-fp8" if kind == "running" else "left alone"])
+    assert tree_hashes(staging) == before and not dst.exists()
+
+
+def test_bad_block_size(tiny):
+    for bad in (0, -128, 1.5):
+        with pytest.raises(ConvertError, match="block_size: must be a positive integer"):
+            convert_fp8_to_bf16(*tiny, block_size=bad, log=lambda m: None)
+    assert not tiny[1].exists()
+
+
+def test_console_script_bad_shard(tiny):
+    """The installed moe-convert-fp8 itself: exit 2, one line naming the shard, no traceback."""
+    src, dst = tiny
+    script = Path(sys.executable).parent / "moe-convert-fp8"
+    if not script.exists():
+        pytest.skip("moe-convert-fp8 is not installed next to this Python")
+    truncate(src / S2)
+    res = subprocess.run([str(script), str(src), str(dst)], check=False, capture_output=True, text=True, timeout=120)
+    assert_one_error(res.returncode, res.stderr, [src / S2])
+    assert not dst.exists() and not (dst.parent / ".out.partial").exists()
+
 
 
 _MAKE_BIG = """

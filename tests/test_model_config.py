@@ -48,3 +48,20 @@ def test_param_split_adds_up(name):
 def test_yarn_softmax_scale_v3():
     assert preset("deepseek-v3").softmax_scale() == pytest.approx(0.135234, abs=1e-6)
     assert preset("moonlight-16b").softmax_scale() == pytest.approx(192**-0.5)  # no YaRN
+
+
+def test_hf_config_absent_routing_keys_take_the_model_types_defaults():
+    from model.hf_config import config_from_hf
+
+    shape = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "n_routed_experts": 8,
+             "num_experts_per_tok": 2, "n_group": None, "topk_group": None}
+    v2 = config_from_hf({**shape, "model_type": "deepseek_v2"})
+    assert (v2.scoring_func, v2.topk_method, v2.n_group, v2.topk_group, v2.norm_topk_prob, v2.routed_scaling_factor,
+            v2.first_k_dense_replace) == ("softmax", "greedy", 1, 1, False, 1.0, 0)
+    v3 = config_from_hf({**shape, "model_type": "deepseek_v3"})
+    assert (v3.scoring_func, v3.topk_method, v3.n_group, v3.topk_group, v3.norm_topk_prob, v3.routed_scaling_factor,
+            v3.first_k_dense_replace) == ("sigmoid", "noaux_tc", 8, 4, True, 2.5, 3)
+    assert config_from_hf({**shape, "model_type": "deepseek_v3", "scoring_func": "softmax"}).scoring_func == "softmax"
+    # transformers' DeepseekV2 router never renormalises, whatever the file says
+    with pytest.warns(UserWarning, match="norm_topk_prob"):
+        assert not config_from_hf({**shape, "model_type": "deepseek_v2", "norm_topk_prob": True}).norm_topk_prob

@@ -1,15 +1,17 @@
-"""Our DeepSeek-V3 implementation against Hugging Face transformers' DeepseekV3ForCausalLM (fp32, CPU).
+"""Our DeepSeek-V3 implementation against Hugging Face transformers' DeepseekV3ForCausalLM and, for V2-family
+config.json files, DeepseekV2ForCausalLM (fp32, CPU).
 
 Weights are written by HF's save_pretrained and read through our HF import, so the test covers the
 checkpoint mapping as well as the numerics.
 """
 
+import json
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from model.hf_io import load_hf_model, save_hf, load_hf_weights  # noqa: E402
 from model.moe import MoE  # noqa: E402
@@ -30,6 +32,8 @@ VARIANTS = {
     "v3-yarn-mscale": dict(n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=2, num_hidden_layers=4,
                            rope_parameters={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
                                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # top-1 with norm_topk_prob: V3 renormalises for any k, so each token's routed weight is routed_scaling_factor
+    "top1-norm": {"num_experts_per_tok": 1, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
 }
 
 
@@ -63,9 +67,7 @@ def hf_name(ours_name, cfg):
     return name, None
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_logits_loss_and_grads_match_hf(tmp_path, variant):
-    hf, ours = make_pair(tmp_path, variant)
+def assert_logits_loss_and_grads_match(hf, ours):
     ids, labels = batch()
     hf_out = hf(input_ids=ids, labels=ids)
     our_out = ours(ids, labels=labels)
@@ -88,6 +90,45 @@ def test_logits_loss_and_grads_match_hf(tmp_path, variant):
         assert diff <= 1e-5, f"{name}: grad differs by {diff}"
         checked += 1
     assert checked == len(list(ours.parameters()))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_loss_and_grads_match_hf(tmp_path, variant):
+    assert_logits_loss_and_grads_match(*make_pair(tmp_path, variant))
+
+
+V2_BASE = {k: v for k, v in BASE.items() if k not in ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")}
+V2_VARIANTS = {
+    # V2-Lite-style: greedy softmax routing; routing keys left out of config.json take DeepseekV2Config's defaults
+    # (softmax, greedy, no groups, no renormalisation, routed_scaling_factor 1)
+    "lite-defaults": {"q_lora_rank": None},
+    # V2-style: q low-rank path, group-limited greedy (2 groups, keep 1), scaled weights
+    "group-limited": {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1, "routed_scaling_factor": 16.0},
+}
+V2_ROUTING_DEFAULTS = {"topk_method": "greedy", "n_group": None, "topk_group": None, "norm_topk_prob": False,
+                       "routed_scaling_factor": 1.0}
+
+
+@pytest.mark.parametrize("variant", sorted(V2_VARIANTS))
+def test_v2_config_without_scoring_func_matches_hf(tmp_path, variant):
+    """A deepseek_v2 config.json has no scoring_func (transformers' DeepseekV2 router is softmax): read as V2."""
+    torch.manual_seed(0)
+    hf = DeepseekV2ForCausalLM._from_config(DeepseekV2Config(**{**V2_BASE, **V2_VARIANTS[variant]}), attn_implementation="eager").float()
+    with torch.no_grad():  # sharper routing than the init's, so weights (and their normalisation) matter
+        for name, p in hf.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    written = json.loads(path.read_text())
+    written = {k: v for k, v in written.items() if not (k in V2_ROUTING_DEFAULTS and v == V2_ROUTING_DEFAULTS[k])}
+    path.write_text(json.dumps(written))
+    assert written["model_type"] == "deepseek_v2" and "scoring_func" not in written
+    ours = load_hf_model(tmp_path / "hf", dtype=torch.float32)
+    assert (ours.cfg.scoring_func, ours.cfg.norm_topk_prob) == ("softmax", False)
+    assert ours.cfg.routed_scaling_factor == hf.config.routed_scaling_factor
+    assert ours.cfg.topk_method == hf.config.topk_method
+    assert_logits_loss_and_grads_match(hf, ours)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

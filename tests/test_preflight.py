@@ -96,8 +96,12 @@ def test_sequence_parallel_length_vs_tp():
 
 
 def test_all_problems_reported_at_once():
-    p = pre("smoke", "local", ["parallel.tp=3", "parallel.ep=3", "train.precision=fp16", "train.global_batch_size=15"])
-    assert {"parallel.tp", "parallel.ep", "train.precision"} <= fields(p)
+    """Every layout problem at once; every wrong value at once (wrong values first: layout arithmetic on a
+    zero or a bad choice would only add noise)."""
+    p = pre("smoke", "local", ["parallel.tp=3", "parallel.ep=3", "train.global_batch_size=15"])
+    assert {"parallel.tp", "parallel.ep"} <= fields(p)
+    p = pre("smoke", "local", ["parallel.tp=3", "train.precision=fp16", "train.lr=0", "train.micro_batch_size=0"])
+    assert fields(p) == {"train.precision", "train.lr", "train.micro_batch_size"} and p.layout is None
 
 
 def test_tp_across_nodes_is_a_warning():

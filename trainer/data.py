@@ -23,50 +23,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-from launcher.config_io import read_jsonl
+from launcher.sft_format import read_records, split_file  # noqa: F401 (split_file: re-exported for the job side)
 from model.transformer import IGNORE_INDEX
 from trainer.chat import render_chat
 
-SPLIT_FILES = {"training": "training.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-_SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation"}
-_FIELD_PAIRS = (("input", "output"), ("prompt", "completion"))
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 
 
 # ------------------------------------------------------------------------------------------------ SFT JSONL
 
-def split_file(directory: str | Path, split: str) -> Path:
-    """``<directory>/training.jsonl`` etc. (``train``/``val`` are accepted as split names too)."""
-    split = _SPLIT_ALIASES.get(split, split)
-    if split not in SPLIT_FILES:
-        raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLIT_FILES)})")
-    return Path(directory) / SPLIT_FILES[split]
-
-
 def read_sft_records(file: str | Path) -> list[tuple[str, str, dict]]:
     """(input, output, the whole row) of every line of a JSONL file; the row carries any metadata fields.
-    A malformed line raises ValueError naming file and line."""
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"SFT data file not found: {file}")
-    try:
-        lines = read_jsonl(file)
-    except ValueError as e:
-        raise ValueError(f"{file}, {e}") from None
-    records = []
-    for lineno, obj in lines:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{file}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        for a, b in _FIELD_PAIRS:
-            if a in obj and b in obj:
-                if not (isinstance(obj[a], str) and isinstance(obj[b], str)):
-                    raise ValueError(f"{file}, line {lineno}: fields {a!r} and {b!r} must be strings")
-                records.append((obj[a], obj[b], obj))
-                break
-        else:
-            raise ValueError(f"{file}, line {lineno}: needs string fields 'input' and 'output' "
-                             f"(or 'prompt' and 'completion'); found {sorted(obj)}")
-    return records
+    A malformed line raises UserError naming file and line (launcher.sft_format)."""
+    return read_records(file)
 
 
 def read_sft_jsonl(file: str | Path) -> list[tuple[str, str]]:

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from launcher.errors import UserError
+
 EXIT_REFUSED = 2
 EXIT_CODE_FILE = "EXIT_CODE"
 
@@ -53,7 +55,8 @@ def claim_exit_code(run_dir: Path, code: int, reason: str) -> bool:
 def run_entry(prog: str, body: Callable[[Path], int], argv: list[str] | None = None, success: tuple[int, ...] = (0,)) -> None:
     """Parse ``--run-dir``, run ``body(run_dir)`` and exit with its code (see the module docstring).
 
-    ``SystemExit("moe-launch: error: ...")`` from the body is a refusal: exit 2 with that line.
+    ``SystemExit("moe-launch: error: ...")`` or a UserError (bad data, a missing or corrupt run directory)
+    from the body is a refusal: exit 2 with that line and no traceback.
     ``success``: codes after which the ranks meet at a barrier before leaving (a failed peer would
     leave the others waiting there)."""
     ap = argparse.ArgumentParser(prog=prog)
@@ -63,7 +66,11 @@ def run_entry(prog: str, body: Callable[[Path], int], argv: list[str] | None = N
     rank = os.environ.get("RANK", "0")
     where = f"rank {rank} on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}"
     try:
+        if not (args.run_dir / "plan.yaml").is_file():
+            raise UserError(f"{args.run_dir} is not a run directory written by launch (no plan.yaml)", "--run-dir")
         code = body(args.run_dir)
+    except UserError as exc:
+        code, reason = EXIT_REFUSED, f"{where}: {exc}"
     except SystemExit as exc:
         code = EXIT_REFUSED if isinstance(exc.code, str) else (exc.code or 0)
         if isinstance(exc.code, str):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
-from omegaconf import OmegaConf
 
 from launcher.cluster import ClusterProfile
+from launcher.config_io import load_yaml_into
 from launcher.recipe import Recipe
 from launcher.render import REQUEUE_EXIT_CODE
+from launcher.rundir import read_plan
 from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
@@ -56,10 +56,8 @@ class StopFlag:
 
 
 def load_run(run_dir: Path) -> tuple[Recipe, ClusterProfile, dict]:
-    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(run_dir / "recipe.yaml")))
-    profile = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterProfile), OmegaConf.load(run_dir / "cluster.yaml")))
-    plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
-    return recipe, profile, plan
+    """The run directory's recipe, profile and plan; UserError (one line, exit 2) names a missing or corrupt file."""
+    return load_yaml_into(Recipe, run_dir / "recipe.yaml"), load_yaml_into(ClusterProfile, run_dir / "cluster.yaml"), read_plan(run_dir)
 
 
 def load_weights(model, path: str, fmt: str, peft, partial: bool = False) -> tuple[str, bool]:
