@@ -19,6 +19,7 @@ from export.peft import hf_base, write_adapter
 from launcher.errors import UserError
 from launcher.memory import fmt_bytes
 from launcher.rundir import load_run_recipe
+from model.hf_config import hf_model_type
 from launcher.tasks import load_task, resolve_at_start
 from trainer.entry import init_distributed, run_entry
 
@@ -32,7 +33,8 @@ def export(run_dir: Path) -> int:
     try:
         task = resolve_at_start(load_task(run_dir))
         recipe = load_run_recipe(Path(task.source))
-    except UserError as exc:
+        hf_model_type(recipe.model)  # refuse before writing, not after the shards (launch export checked it too)
+    except (UserError, ValueError) as exc:
         raise SystemExit(f"moe-launch: error: {exc}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -63,8 +63,8 @@ def sweep_points(specs: list[str]) -> list[list[str]]:
 
 def runs_for_recipe(spec: str | Recipe, overrides: list[str], sweeps: list[str]) -> list[Run]:
     """A recipe named by file or shipped name (or a Recipe object, from the Python API), per sweep point."""
-    if isinstance(spec, Recipe):
-        base, path, spec = spec, Path.cwd(), spec.name
+    if isinstance(spec, Recipe):  # built in Python: type-checked like a recipe file's
+        base, path, spec = config_io.typed(spec, "recipe: "), Path.cwd(), spec.name
     else:
         base, path = recipe_loader.load_recipe(spec)
     points = sweep_points(sweeps) if sweeps else [[]]

@@ -155,8 +155,8 @@ def check_prompt_lengths(prompts: list[str], tokenizer_spec: str, template: str,
         return
     try:
         tok = load_tokenizer(tokenizer_spec)
-    except (OSError, ValueError):
-        return  # not visible from here: the job reports it
+    except (OSError, ValueError, UserError):
+        return  # not visible (or not readable) from here: the job reports it
     for i, text in enumerate(prompts):
         n = len(prompt_ids(template, text, tok, render_chat))
         if n >= max_positions:
@@ -371,6 +371,12 @@ def prepare_export(args, profile, root: Path, pending=None) -> Prepared:
     recipe, run = src.recipe, src.path
     fmt = args.format or ("merged" if recipe.peft.method == "lora" else "hf")
     check_export_format(run, recipe, fmt)
+    from model.hf_config import hf_model_type
+
+    try:
+        hf_model_type(recipe.model)  # a routing transformers cannot express would load there as another model
+    except ValueError as exc:
+        raise UserError(f"cannot export: {exc}", f"run {run.name}: model") from None
     if args.nodes < 1:
         raise UserError(f"must be >= 1, got {args.nodes}", "--nodes")
     task = Task(kind="export", source=str(run), format=fmt, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))

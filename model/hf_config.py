@@ -2,6 +2,10 @@
 
 transformers v4 writes YaRN settings as ``rope_scaling``, v5 as ``rope_parameters``; both are read,
 and both are written so either version loads our exports.
+
+The model_type decides the router in transformers (DeepseekV3: sigmoid + noaux_tc; DeepseekV2: softmax,
+greedy or group_limited_greedy, never renormalised), so import reads absent keys with that model_type's
+defaults (``_FAMILY_DEFAULTS``) and export picks the model_type from the routing (:func:`hf_model_type`).
 """
 
 from __future__ import annotations
@@ -71,12 +75,42 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     return cfg
 
 
+_ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The transformers model_type whose forward computes ``cfg``'s: ``deepseek_v3`` for sigmoid routing,
+    ``deepseek_v2`` for softmax. ValueError, naming the field, for a routing neither expresses (an export
+    under the other model_type would load there as a different model)."""
+    if cfg.scoring_func == "sigmoid":
+        if cfg.topk_method != "noaux_tc":
+            raise ValueError(f"topk_method {cfg.topk_method!r} with scoring_func 'sigmoid' has no Hugging Face equivalent: "
+                             "transformers' DeepseekV3 routes sigmoid with noaux_tc only (DeepseekV2: softmax)")
+        return "deepseek_v3"
+    if cfg.scoring_func == "softmax":
+        if cfg.topk_method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"topk_method {cfg.topk_method!r} with scoring_func 'softmax' has no Hugging Face equivalent: "
+                             "transformers' DeepseekV2 routes softmax with greedy or group_limited_greedy only")
+        if cfg.norm_topk_prob:
+            raise ValueError("norm_topk_prob true with scoring_func 'softmax' has no Hugging Face equivalent: "
+                             "transformers' DeepseekV2 never renormalises the top-k weights (use norm_topk_prob false)")
+        return "deepseek_v2"
+    raise ValueError(f"scoring_func {cfg.scoring_func!r} has no Hugging Face equivalent (sigmoid: DeepseekV3, softmax: DeepseekV2)")
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str = "bfloat16", bos_token_id: int | None = 0, eos_token_id: int | None = 1) -> dict:
-    """config.json for DeepseekV3ForCausalLM, readable by transformers v4 and v5 (no quantization section)."""
-    hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
+    """config.json for DeepseekV3ForCausalLM (sigmoid routing) or DeepseekV2ForCausalLM (softmax), readable by
+    transformers v4 and v5 (no quantization section); ValueError for a routing transformers cannot express.
+
+    Both get every routing field (DeepseekV2Config reads topk_method, n_group, topk_group, routed_scaling_factor
+    and norm_topk_prob; scoring_func, aux_loss_alpha, moe_layer_freq and num_nextn_predict_layers are for
+    DeepSeek's own code and ours). rope_interleave is DeepseekV3's switch; DeepseekV2 always interleaves.
+    """
+    model_type = hf_model_type(cfg)
+    hf = {"architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
           "num_key_value_heads": cfg.num_attention_heads, "attention_bias": False, "attention_dropout": 0.0,
-          "moe_layer_freq": 1, "rope_interleave": True, "torch_dtype": dtype, "bos_token_id": bos_token_id,
-          "eos_token_id": eos_token_id}
+          "moe_layer_freq": 1, **({"rope_interleave": True} if model_type == "deepseek_v3" else {}), "torch_dtype": dtype,
+          "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     hf.update({k: getattr(cfg, k) for k in _HF_FIELDS})
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:

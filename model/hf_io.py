@@ -180,8 +180,9 @@ def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024*
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.cfg
+    config = config_to_hf(cfg)  # first: a routing transformers cannot express is refused before any shard is written
+    path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for key, (t, region, full_shape) in expected_tensors(model).items():
         if tuple(t.shape) != full_shape:
@@ -209,7 +210,7 @@ def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024*
             weight_map[key] = name
             total += t.numel() * t.element_size()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def hub_order(key: str):

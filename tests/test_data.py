@@ -94,7 +94,7 @@ def test_hf_tokenizer(tmp_path):
     p, a = render_chat("chatml", "What is 1 + 2?", "3", tok)
     assert p[0] == tok.bos_id and p[1] == tok.token_to_id("<|im_start|>") and a[-2] == tok.token_to_id("<|im_end|>")
     assert tok.decode(p + a) == "<s><|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"
-    with pytest.raises(FileNotFoundError, match="tokenizer path does not exist"):
+    with pytest.raises(UserError, match="no such file or directory"):
         load_tokenizer(str(tmp_path / "missing"))
 
 

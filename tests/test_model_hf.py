@@ -5,17 +5,22 @@ Weights are written by HF's save_pretrained and read through our HF import, so t
 checkpoint mapping as well as the numerics.
 """
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM,  # noqa: E402
+                          DeepseekV3Config, DeepseekV3ForCausalLM)
 
+from model.config import RopeScaling  # noqa: E402
+from model.hf_config import config_from_hf, config_to_hf, load_config  # noqa: E402
 from model.hf_io import load_hf_model, save_hf, load_hf_weights  # noqa: E402
 from model.moe import MoE  # noqa: E402
-from model.transformer import IGNORE_INDEX  # noqa: E402
+from model.presets import PRESETS, preset  # noqa: E402
+from model.transformer import IGNORE_INDEX, build_model  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
@@ -129,6 +134,67 @@ def test_v2_config_without_scoring_func_matches_hf(tmp_path, variant):
     assert ours.cfg.routed_scaling_factor == hf.config.routed_scaling_factor
     assert ours.cfg.topk_method == hf.config.topk_method
     assert_logits_loss_and_grads_match(hf, ours)
+
+
+V2_EXPORTS = {
+    # the preset: V2-Lite-style attention (no q low-rank), greedy softmax routing, plain RoPE
+    "tiny-v2": {},
+    # q low-rank path, group-limited greedy (2 groups, keep 1), scaled weights, V2-Lite-style YaRN (mscale 0.707)
+    "group-limited-yarn": dict(q_lora_rank=32, topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=16.0,
+                               rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=256, mscale=0.707, mscale_all_dim=0.707)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(V2_EXPORTS))
+def test_v2_family_export_loads_in_hf_as_deepseek_v2(tmp_path, variant):
+    """Our softmax-routed model, exported, is DeepseekV2 in transformers (not V3's sigmoid router), with every
+    tensor accounted for and the same logits, loss and gradients; our importer reads the same ModelConfig back."""
+    cfg = dataclasses.replace(preset("tiny-v2"), **V2_EXPORTS[variant])
+    ours = build_model(cfg, seed=0)
+    with torch.no_grad():  # sharper routing than the init's, so the choice of experts and their weights matter
+        for name, p in ours.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)
+    save_hf(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (written["model_type"], written["architectures"]) == ("deepseek_v2", ["DeepseekV2ForCausalLM"])
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager", dtype=torch.float32,
+                                                    output_loading_info=True)
+    assert type(hf) is DeepseekV2ForCausalLM
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"] or info["error_msgs"]), info
+    assert (hf.config.topk_method, hf.config.q_lora_rank) == (cfg.topk_method, cfg.q_lora_rank)
+    assert_logits_loss_and_grads_match(hf, ours)
+    assert load_config(tmp_path / "ours") == dataclasses.replace(cfg, name="ours")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_configs_export_to_their_hf_model_type(tmp_path, name):
+    """Every preset's config.json round-trips through our importer and loads in transformers as its family."""
+    cfg = preset(name)
+    hf = config_to_hf(cfg)
+    assert hf["model_type"] == {"sigmoid": "deepseek_v3", "softmax": "deepseek_v2"}[cfg.scoring_func]
+    assert config_from_hf(hf, name=cfg.name) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is {"deepseek_v3": DeepseekV3Config, "deepseek_v2": DeepseekV2Config}[hf["model_type"]]
+    assert (loaded.q_lora_rank, loaded.routed_scaling_factor, loaded.n_group, loaded.topk_group) == (
+        cfg.q_lora_rank, cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(preset="tiny-v2", norm_topk_prob=True), "norm_topk_prob"),  # transformers' DeepseekV2 never renormalises
+    (dict(preset="tiny-v2", topk_method="noaux_tc"), "topk_method"),  # softmax with a correction bias: no HF class
+    (dict(preset="tiny", topk_method="greedy"), "topk_method"),  # DeepseekV3 routes sigmoid with noaux_tc only
+    (dict(preset="tiny", scoring_func="sqrtsoftplus"), "scoring_func"),
+])
+def test_export_refuses_routing_transformers_cannot_express(tmp_path, change, field):
+    change = dict(change)
+    cfg = dataclasses.replace(preset(change.pop("preset")), **change)
+    with pytest.raises(ValueError, match=field):
+        config_to_hf(cfg)
+    with pytest.raises(ValueError, match=field):  # before any shard is written
+        save_hf(build_model(cfg, device="meta"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

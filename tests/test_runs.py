@@ -95,17 +95,36 @@ def test_resume_after_cancel_continues_in_the_same_directory_bitwise(cpu_env, tr
 
 
 def test_status_of_a_crashed_local_run_says_why(cpu_env, tmp_path):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for split in ("training", "validation"):
-        (bad / f"{split}.jsonl").write_text('{"input": "q", "output": 3}\n')
-    run, res = train(cpu_env, tmp_path / "runs", 2, f"data.path={bad}", expect=1)
+    from model.hf_config import config_to_hf
+    from model.presets import tiny
+
+    weights = tmp_path / "hf"  # starting weights that exist (pre-flight passes) and break the job when read
+    weights.mkdir()
+    (weights / "config.json").write_text(json.dumps(config_to_hf(tiny())))
+    (weights / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    run, res = train(cpu_env, tmp_path / "runs", 2, f"checkpoint.load={weights}", "checkpoint.load_format=hf", expect=1)
     assert res.stdout.count("Traceback") == 0 and "moe-launch: exit 1: rank " in res.stdout + res.stderr
     status = launch(cpu_env, "status", str(run)).stdout
-    assert "FAILED exit 1" in status and "ValueError: " in status and "must be strings" in status, status
+    assert "FAILED exit 1" in status and "error  rank " in status, status
     log = Path(status.split("log    ")[1].strip())
     assert "Traceback" in log.read_text()  # the whole trace is in the rank's own log
     assert "FAILED exit 1" in launch(cpu_env, "list", "--runs-dir", str(tmp_path / "runs")).stdout
+
+
+def test_bad_record_past_the_preflight_sample_is_one_line_in_the_job(cpu_env, tmp_path):
+    """Pre-flight reads the first records of each split; a bad one further down stops the job with exit 2
+    and one line naming file and line, no traceback anywhere."""
+    data = tmp_path / "data"
+    data.mkdir()
+    good = '{"input": "q", "output": "a"}\n'
+    (data / "training.jsonl").write_text(good * 150 + '{"input": "q", "output": 3}\n')
+    (data / "validation.jsonl").write_text(good * 4)
+    run, res = train(cpu_env, tmp_path / "runs", 2, f"data.path={data}", expect=2)
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out and "training.jsonl: line 151: fields 'input' and 'output' must be strings" in out, out
+    status = launch(cpu_env, "status", str(run)).stdout
+    assert "FAILED exit 2" in status and "line 151" in status, status
+    assert not any("Traceback" in f.read_text() for f in run.glob("logs/ranks/**/stderr.log"))
 
 
 def test_list_finds_every_profiles_runs_and_filters_them(cpu_env, tmp_path):

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from launcher.errors import UserError
+
 
 class ByteTokenizer:
     """Ids 0..255 are UTF-8 bytes, followed by five special tokens; 261 ids in all."""
@@ -92,9 +94,12 @@ class HFTokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"tokenizer not found: {file} (expected a tokenizer.json or a directory holding one)")
+            raise UserError("no such file (data.tokenizer is 'byte', a tokenizer.json or a directory holding one)", str(file))
         self.path = file
-        self._tok = Tokenizer.from_file(str(file))
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception that does not name the file
+            raise UserError(f"not a Hugging Face tokenizers file ({' '.join(str(e).split())})", str(file)) from None
         config = self._read_config(file.parent / "tokenizer_config.json")
         self._bos = self._lookup(config.get("bos_token"), _BOS_NAMES)
         self._eos = self._lookup(config.get("eos_token"), _EOS_NAMES)
@@ -107,7 +112,7 @@ class HFTokenizer:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{file}: not valid JSON: {e}") from e
+            raise UserError(f"not valid JSON: {e}", str(file)) from None
         return data if isinstance(data, dict) else {}
 
     def _lookup(self, configured, fallbacks: tuple[str, ...]) -> int | None:
@@ -157,7 +162,7 @@ def load_tokenizer(spec: str):
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer path does not exist: {path} (data.tokenizer must be 'byte' or a tokenizer.json / its directory)")
+        raise UserError("no such file or directory (data.tokenizer is 'byte', a tokenizer.json or a directory holding one)", str(path))
     return HFTokenizer(path)
 
 
