@@ -39,6 +39,10 @@ _COMMANDS = [
      ['launch generate 20261202-101500-smoke-local --cluster local --prompt "What is 3 + 4?"']),
     ("launch eval RUN --cluster NAME", "every example of a split answered and scored: results.csv, summary.json",
      ["launch eval 20261202-101500-smoke-local --cluster local --split test"]),
+    ("launch data sft SRC... --out DIR", "raw records -> NeMo-style training/validation/test.jsonl (templates, split, stats)",
+     ["launch data sft raw.jsonl --out data/sft --input-key question --output-key answer --template chatml"]),
+    ("launch data tokens SRC... --out FILE", "text or JSONL -> the token file pretraining reads (parallel workers)",
+     ["launch data tokens corpus/*.jsonl --out data/train.bin --tokenizer /ckpt/tokenizer --workers 8"]),
     ("launch list | status | logs | cancel [RUN]", "follow runs (list --state/--recipe/--since; logs -f)",
      ["launch list --state failed --since 2d", "launch status 1234"]),
     ("launch clusters | recipes", "the cluster profiles and shipped recipes", []),
@@ -300,6 +304,9 @@ def cmd_follow(name: str, argv: list[str]) -> int:
             rs = jobs.run_state(run)
             print(f"{jobs.job_id_of(run):>12}  {rs.state:<12} {run.name}" + (f"  error: {rs.error}" if rs.error else ""))
         return 0
+    pipeline = jobs.find_pipeline(args.run, roots) if name in ("status", "cancel") else None
+    if pipeline is not None and not _names_a_run(jobs, args.run, roots):  # a pipeline by name: all its stages
+        return _pipeline_status_or_cancel(jobs, local_exec, name, *pipeline)
     run = jobs.find_run(args.run, roots)
     job = jobs.job_id_of(run)
     if name == "status":
@@ -310,6 +317,9 @@ def cmd_follow(name: str, argv: list[str]) -> int:
             print(f"error  {rs.error}")
         if rs.log:
             print(f"log    {rs.log}")
+        if pipeline is not None:  # one stage of a pipeline: every stage, a line each
+            print(f"pipeline {pipeline[0]}:")
+            _stage_lines(jobs, pipeline[1])
         return 0
     if name == "cancel":
         if job:
@@ -321,6 +331,35 @@ def cmd_follow(name: str, argv: list[str]) -> int:
             raise UserError(f"{run.name} is not running (nothing to cancel)", "RUN")
         return 0
     return _print_log(jobs, run, args.follow)
+
+
+def _names_a_run(jobs, spec: str, roots: list[Path]) -> bool:
+    try:
+        jobs.find_run(spec, roots)
+        return True
+    except UserError:
+        return False
+
+
+def _stage_lines(jobs, runs: list[Path]) -> None:
+    for run in runs:
+        rs, info = jobs.run_state(run), jobs.pipeline_of(run) or {}
+        print(f"  {info.get('index', '?')}/{info.get('of', '?')} {info.get('stage', run.name):<10} {rs.state:<11} "
+              f"{jobs.job_id_of(run) or 'local':>8}  {run.name}" + (f"  error: {rs.error}" if rs.error else ""))
+
+
+def _pipeline_status_or_cancel(jobs, local_exec, name: str, pipeline: str, runs: list[Path]) -> int:
+    """``launch status|cancel PIPELINE``: every stage of the pipeline's newest launch (or of a stage's launch)."""
+    if name == "status":
+        print(f"pipeline {pipeline} ({len(runs)} stages, {runs[0].parent}):")
+        _stage_lines(jobs, runs)
+        return 0
+    jobs_ids = [j for j in (jobs.job_id_of(r) for r in runs) if j]
+    for job in jobs_ids:
+        jobs.cancel(job)
+    stopped = [r.name for r in runs if not jobs.job_id_of(r) and local_exec.cancel(r)]
+    print(f"cancelled pipeline {pipeline}: {len(jobs_ids)} job(s)" + (f", stopped {', '.join(stopped)}" if stopped else ""))
+    return 0
 
 
 def _print_log(jobs, run: Path, follow: bool) -> int:
@@ -446,6 +485,10 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_task(argv[0], argv[1:])
     if argv[:1] == ["resume"]:
         return cmd_resume(argv[1:])
+    if argv[:1] == ["data"]:
+        from dataprep.cli import main as data_main
+
+        return data_main(argv[1:])
     args = _parser().parse_intermixed_args(argv)
     return cmd_launch(args, argv)
 

@@ -143,6 +143,37 @@ def find_array(spec: str | None, roots: list[Path]) -> tuple[str, list[Path]] | 
     return runs[0][2], [r[1] for r in runs]
 
 
+def pipeline_of(run: Path) -> dict | None:
+    """A pipeline stage's record in meta.yaml (name, stage, index, of, stages); None for other runs."""
+    meta = yaml.safe_load((run / "meta.yaml").read_text()) or {}
+    return meta.get("pipeline") if isinstance(meta.get("pipeline"), dict) else None
+
+
+def find_pipeline(spec: str | None, roots: list[Path]) -> tuple[str, list[Path]] | None:
+    """(pipeline name, its stages' runs in order) when ``spec`` names a pipeline (its newest launch) or one
+    of its stages' runs; None otherwise. The stages of one launch share the parent directory and time stamp."""
+    if spec is None:
+        return None
+    try:
+        run = find_run(spec, roots)
+        info = pipeline_of(run)
+        if info is None:
+            return None
+        name, group = info["name"], [run.parent]
+        stamp = run.name[:15]
+    except UserError:  # not a run: a pipeline's name, its newest launch
+        name, group, stamp = spec, roots, None
+    stages = []
+    for r in runs_in(group):
+        info = pipeline_of(r)
+        if info and info.get("name") == name and (stamp is None or r.name[:15] == stamp):
+            if stamp is None:
+                stamp = r.name[:15]  # runs_in is newest first: the first match fixes the launch
+            if r.name[:15] == stamp:
+                stages.append((info.get("index", 0), r))
+    return (name, [r for _, r in sorted(stages)]) if stages else None
+
+
 def log_file(run: Path) -> Path:
     job = job_id_of(run)
     return run / "logs" / (f"slurm-{job}.out" if job else "job.out")

@@ -12,7 +12,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def data_dir(name: str) -> Path:
-    """The shipped ``templates`` or ``clusters`` directory."""
+    """The shipped ``templates``, ``clusters`` or ``examples`` directory."""
     for candidate in (PACKAGE_DIR / "_data" / name, PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate

@@ -178,6 +178,10 @@ def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[st
             if "validation.jsonl" in message and message.endswith("has no validation.jsonl"):
                 key, message = "train.eval_interval", f"{message} to validate on; set train.eval_interval=0 or add the split"
             out.append(Problem("error", key, message))
+        prepared = sft_format.prepared_template(data)
+        if prepared is not None and prepared != recipe.data.template:
+            out.append(Problem("error", "data.template", f"{recipe.data.template!r}, but {data} was prepared for "
+                               f"{prepared!r} (its {sft_format.STATS_FILE}); set data.template={prepared}"))
     out += _path_problems(recipe, profile, produced)
     return out
 

@@ -36,7 +36,7 @@ class Data:
     # sft: a directory with training.jsonl / validation.jsonl / test.jsonl (NeMo's format);
     # pretrain: a tokenized memory-mapped file. None: the project's generated smoke dataset.
     path: Optional[str] = None
-    template: str = "chatml"  # chat template for sft: chatml | plain
+    template: str = "chatml"  # chat template for sft: chatml | plain | raw (text rendered by launch data sft --template jinja)
     answer_only_loss: bool = True
     seq_length: int = 4096
     packing: bool = True
@@ -115,7 +115,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.pp_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "parallel.recompute": ("none", "selective", "full"),
     "data.kind": ("sft", "pretrain"),
-    "data.template": ("chatml", "plain"),
+    "data.template": ("chatml", "plain", "raw"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.precision": ("bf16", "fp32"),
     "checkpoint.load_format": ("hf", "dcp"),

@@ -16,6 +16,8 @@ SPLIT_FILES = {"training": "training.jsonl", "validation": "validation.jsonl", "
 SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation"}
 FIELD_PAIRS = (("input", "output"), ("prompt", "completion"))
 PREFLIGHT_RECORDS = 100  # records of each split checked before queueing
+STATS_FILE = "stats.json"  # what ``launch data sft`` wrote the directory with
+STATS_TOOL = "launch data sft"
 
 
 def split_file(directory: str | Path, split: str) -> Path:
@@ -78,3 +80,14 @@ def check_directory(directory: str | Path, need: tuple[str, ...] = ("training",)
         except UserError as exc:
             problems.append(("data.path", str(exc)))
     return problems
+
+
+def prepared_template(directory: str | Path) -> str | None:
+    """The data.template a directory written by ``launch data sft`` was prepared for (its stats.json), else None."""
+    try:
+        stats = json.loads((Path(directory) / STATS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(stats, dict) and stats.get("tool") == STATS_TOOL and isinstance(stats.get("template"), str):
+        return stats["template"]
+    return None

@@ -165,9 +165,11 @@ def check_prompt_lengths(prompts: list[str], tokenizer_spec: str, template: str,
 
 
 def prompt_ids(template: str, text: str, tok, render_chat) -> list[int]:
-    """The ids the model sees for a prompt: the chat template's prompt part, or (raw) bos + the text."""
+    """The ids the model sees for a prompt: the chat template's prompt part, or (raw) bos + the text; bos only
+    when the text does not already start with it (a prompt rendered by a chat template, as raw SFT data is)."""
     if template == "raw":
-        return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+        ids = tok.encode(text)
+        return ids if tok.bos_id is None or ids[:1] == [tok.bos_id] else [tok.bos_id] + ids
     return render_chat(template, text, "", tok)[0]
 
 

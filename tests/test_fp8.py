@@ -660,3 +660,27 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
     print(f"peak RSS growth {growth_mib:.0f} MiB; largest output shard {largest_mib:.0f} MiB; all output {total_mib:.0f} MiB; {m}")
     assert growth_mib < 2.5 * largest_mib + 64
     assert growth_mib < 0.7 * total_mib
+
+
+def test_synthetic_fp8_checkpoint_converts_and_loads(tmp_path):
+    """`python -m model.fp8_synthetic` writes the release layout; converted, it loads strictly into our model
+    and equals the model it came from within FP8's precision."""
+    from model.fp8_synthetic import main as synthetic
+    from model.hf_config import load_config
+    from model.hf_io import load_hf_weights
+    from model.presets import tiny
+    from model.transformer import build_model
+
+    assert synthetic([str(tmp_path / "fp8"), "--seed", "3"]) == 0
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "fp8"
+    index = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(k.endswith("weight_scale_inv") for k in index) and len(set(index.values())) == 2
+    assert main([str(tmp_path / "fp8"), str(tmp_path / "bf16")]) == 0
+    model = build_model(load_config(tmp_path / "bf16"), seed=None)
+    load_hf_weights(model, tmp_path / "bf16", strict=True)
+    original = build_model(tiny(), seed=3).state_dict()
+    for name, t in model.state_dict().items():
+        ref = original[name].float()
+        assert (t.float() - ref).abs().max() <= 0.07 * ref.abs().max() + 1e-6, name
+    assert (tmp_path / "bf16" / "tokenizer.json").is_file()

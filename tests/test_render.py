@@ -45,7 +45,7 @@ def golden_text(recipe_name, cluster_name):
                 trained[dirs[st.name]] = recipe
                 earlier = tuple(dirs[s.name] for s in target.stages[:i - 1])
                 parts.append(_render_recipe(recipe, profile, dirs[st.name], earlier))
-        return "".join(parts)
+        return "".join(parts).replace(str(paths.data_dir("examples").parent), "/repo")  # shipped example paths: checkout-independent
     return _render_recipe(target, profile, f"/runs/{recipe_name}-{cluster_name}")
 
 

@@ -218,54 +218,62 @@ def job_times(job: str) -> tuple[str, str]:
     return fields["StartTime"], fields["EndTime"]
 
 
-def test_three_stage_pipeline_runs_in_order(tmp_path):
-    runs = tmp_path / "runs"
-    res = launch("recipes/smoke_pipeline.py", "--cluster", "local-slurm", "--runs-dir", str(runs))
-    assert res.returncode == 0, res.stderr
+def pipeline_stages(runs: Path) -> dict[str, tuple[Path, dict]]:
     stages = {}
     for run in runs.iterdir():
         stage = yaml.safe_load((run / "meta.yaml").read_text())["pipeline"]["stage"]
         stages[stage] = (run, yaml.safe_load((run / "submission.yaml").read_text()))
-    assert sorted(stages) == ["eval", "export", "prepare", "train"]
-    assert stages["train"][1]["after_ok"] == stages["prepare"][1]["job_id"]
-    assert stages["eval"][1]["after_ok"] == stages["train"][1]["job_id"]
-    assert stages["export"][1]["after_ok"] == stages["eval"][1]["job_id"]
-    wait_gone(stages["export"][1]["job_id"], timeout=300)
-    times = {s: job_times(str(sub["job_id"])) for s, (_, sub) in stages.items()}
-    order = ["prepare", "train", "eval", "export"]
-    assert all(times[a][1] <= times[b][0] for a, b in zip(order, order[1:])), times
-    for s, (run, _) in stages.items():
-        assert "COMPLETED" in launch("status", str(run)).stdout, s
-    # the stages handed their outputs on: train read prepare's data, eval and export read train's checkpoint
-    train_run = stages["train"][0]
-    assert str(stages["prepare"][0] / "data") in (train_run / "recipe.yaml").read_text()
-    summary = json.loads((train_run / "eval" / "validation-step-20" / "summary.json").read_text())
-    first = json.loads((train_run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    assert summary["step"] == 20 and summary["examples"] == 200 and summary["loss"] < first - 1.0
-    assert (train_run / "eval" / "validation-step-20" / "results.csv").read_text().count("\n") == 201
-    assert json.loads((train_run / "export" / "hf-step-20" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    return stages
 
 
-def test_failing_first_stage_cancels_the_rest_and_leaves_nothing_pending(tmp_path):
-    pipe = tmp_path / "failing_pipeline.py"
-    pipe.write_text(
-        "from launcher.pipeline import Pipeline, Stage\n\n"
-        "def pipeline():\n"
-        "    return Pipeline('failing', [\n"
-        "        Stage('convert', command=['{python}', '-c', 'import sys; sys.exit(\"no such checkpoint\")']),\n"
-        "        Stage('train', recipe='smoke'),\n"
-        "        Stage('eval', command=['{python}', '-m', 'evaluation.loss', '--run-dir', '{train}']),\n"
-        "    ])\n")
+def test_sft_pipeline_runs_all_six_stages_in_order(tmp_path):
+    """recipes/sft_pipeline.py as shipped: a tiny synthetic FP8 checkpoint -> BF16, the repository's raw Q/A
+    -> SFT splits, full SFT from the converted weights, eval -> results.csv, export -> HF, the example backtest."""
     runs = tmp_path / "runs"
-    res = launch(str(pipe), "--cluster", "local-slurm", "--runs-dir", str(runs))
+    res = launch("recipes/sft_pipeline.py", "--cluster", "local-slurm", "--runs-dir", str(runs))
     assert res.returncode == 0, res.stderr
-    jobs = [yaml.safe_load((r / "submission.yaml").read_text())["job_id"] for r in runs.iterdir()]
-    for job in jobs:
-        wait_gone(job, timeout=60)  # nothing left pending (DependencyNeverSatisfied would pend forever)
-    states = {yaml.safe_load((r / "meta.yaml").read_text())["pipeline"]["stage"]: launch("status", str(r)).stdout for r in runs.iterdir()}
-    assert "FAILED" in states["convert"] and "exit 1:0" in states["convert"]
-    assert "CANCELLED" in states["train"] and "CANCELLED" in states["eval"]
-    assert "no such checkpoint" in launch("logs", str(next(r for r in runs.iterdir() if ".convert-" in r.name))).stdout
+    stages = pipeline_stages(runs)
+    order = ["convert", "data", "train", "eval", "export", "backtest"]
+    assert sorted(stages) == sorted(order)
+    for a, b in zip(order, order[1:]):
+        assert stages[b][1]["after_ok"] == stages[a][1]["job_id"]
+    wait_gone(str(stages["backtest"][1]["job_id"]), timeout=600)
+    times = {s: job_times(str(sub["job_id"])) for s, (_, sub) in stages.items()}
+    assert all(times[a][1] <= times[b][0] for a, b in zip(order, order[1:])), times
+    status = launch("status", "sft-pipeline", "--runs-dir", str(runs)).stdout
+    assert status.count("COMPLETED") == 6 and all(f" {s} " in status for s in order), status
+    # each stage handed its output on
+    run = {s: r for s, (r, _) in stages.items()}
+    assert (run["convert"] / "bf16" / "config.json").is_file()
+    n_test = sum(1 for line in (run["data"] / "sft" / "test.jsonl").read_text().splitlines() if line.strip())
+    results = (run["eval"] / "results" / "results.csv").read_text(encoding="utf-8")
+    assert n_test > 0 and results.count("\n") == n_test + 1
+    losses = [json.loads(x)["loss"] for x in (run["train"] / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run["export"] / "hf")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    scored = (run["backtest"] / "scored.csv").read_text(encoding="utf-8")
+    assert scored.count("\n") == n_test + 1 and "cumulative_pnl" in scored.splitlines()[0]
+
+
+def test_sft_pipeline_with_broken_raw_data_fails_at_data_and_cancels_the_rest(tmp_path):
+    broken = tmp_path / "raw.jsonl"
+    broken.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", oops\n')
+    runs = tmp_path / "runs"
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "recipes/sft_pipeline.py", "--cluster", "local-slurm",
+                          "--runs-dir", str(runs)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAW_DATA": str(broken)})
+    assert res.returncode == 0, res.stderr
+    stages = pipeline_stages(runs)
+    for _, sub in stages.values():
+        wait_gone(str(sub["job_id"]), timeout=180)  # nothing left pending (DependencyNeverSatisfied would pend forever)
+    status = launch("status", "sft-pipeline", "--runs-dir", str(runs)).stdout
+    lines = {s: next(ln for ln in status.splitlines() if f" {s} " in ln) for s in stages}
+    assert "COMPLETED" in lines["convert"] and "FAILED" in lines["data"], status
+    assert all("CANCELLED" in lines[s] for s in ("train", "eval", "export", "backtest")), status
+    assert "line 2: invalid JSON" in launch("logs", str(stages["data"][0])).stdout
 
 
 def test_sweep_is_one_job_array_and_cancel_of_the_array_cancels_all(tmp_path):

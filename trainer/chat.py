@@ -4,11 +4,15 @@ Each template exists twice and the two agree token for token: :func:`render_chat
 generation and evaluation feed the model) and a Jinja ``chat_template`` (what an export writes into
 ``tokenizer_config.json``, so transformers' ``apply_chat_template`` and serving stacks build the same
 prompts). :func:`stop_ids` are the tokens that end an answer.
+
+``raw`` takes ``input``/``output`` as already rendered text (``launch data sft --template jinja`` writes them
+with a tokenizer's own chat template): it adds nothing, not even bos, and its Jinja twin is that tokenizer's
+own ``chat_template``, which an export keeps (there is no entry for it in :data:`JINJA`).
 """
 
 from __future__ import annotations
 
-TEMPLATES = ("chatml", "plain")
+TEMPLATES = ("chatml", "plain", "raw")
 
 # transformers renders these with bos_token/eos_token and add_generation_prompt in scope.
 JINJA = {
@@ -28,11 +32,14 @@ def _special(tok, text: str) -> list[int]:
 
 
 def render_chat(template: str, prompt: str, answer: str, tok) -> tuple[list[int], list[int]]:
-    """Token ids of (prompt part, answer part) of one exchange; the prompt starts with bos if there is one.
+    """Token ids of (prompt part, answer part) of one exchange; chatml and plain start the prompt with bos if there is one.
 
     chatml: ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`` + ``{answer}<|im_end|>\\n``;
-    plain: ``{prompt}\\n`` + ``{answer}<eos>``.
+    plain: ``{prompt}\\n`` + ``{answer}<eos>``; raw: ``{prompt}`` + ``{answer}``, nothing added (no bos either:
+    special-token text in them, such as a rendered template's bos, becomes its id).
     """
+    if template == "raw":
+        return tok.encode(prompt), tok.encode(answer)
     prompt_ids = [tok.bos_id] if tok.bos_id is not None else []
     if template == "chatml":
         start, end = _special(tok, "<|im_start|>"), _special(tok, "<|im_end|>")
@@ -43,7 +50,7 @@ def render_chat(template: str, prompt: str, answer: str, tok) -> tuple[list[int]
         prompt_ids += tok.encode(prompt + "\n")
         answer_ids = tok.encode(answer) + ([tok.eos_id] if tok.eos_id is not None else [])
     else:
-        raise ValueError(f"unknown chat template {template!r} (expected 'chatml' or 'plain')")
+        raise ValueError(f"unknown chat template {template!r} (expected one of {', '.join(TEMPLATES)})")
     return prompt_ids, answer_ids
 
 

@@ -15,7 +15,6 @@ is kept in global rows, so a run resumes exactly, with the same or a different d
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from dataprep.token_file import open_tokens, write_token_file  # noqa: F401 (write_token_file: re-exported)
 from launcher.sft_format import read_records, split_file  # noqa: F401 (split_file: re-exported for the job side)
 from model.transformer import IGNORE_INDEX
 from trainer.chat import render_chat
@@ -149,43 +149,18 @@ class SFTDataset:
 
 # ------------------------------------------------------------------------------------------ pretraining
 
-def _token_dtype(dtype: str):
-    import numpy as np
-
-    if dtype not in ("uint16", "uint32"):
-        raise ValueError(f"token file dtype must be uint16 or uint32, got {dtype!r}")
-    return np.dtype(dtype)
-
-
-def write_token_file(path: str | Path, tokens: Sequence[int], dtype: str = "uint16") -> Path:
-    """Write a flat token file and its ``<path>.json`` sidecar ``{"dtype": ...}``."""
-    import numpy as np
-
-    path = Path(path)
-    arr = np.asarray(tokens, dtype=np.int64)
-    limit = np.iinfo(_token_dtype(dtype)).max
-    if arr.size and (arr.min() < 0 or arr.max() > limit):
-        raise ValueError(f"token ids out of range for {dtype}")
-    arr.astype(_token_dtype(dtype)).tofile(path)
-    Path(str(path) + ".json").write_text(json.dumps({"dtype": dtype}) + "\n")
-    return path
-
-
 class TokenFileDataset:
-    """A flat memory-mapped token file cut into rows of ``seq_length + 1`` tokens: inputs ``row[:-1]``,
-    labels ``row[1:]``. The dtype comes from the sidecar ``<path>.json`` (``{"dtype": "uint32"}``), default uint16."""
+    """A flat memory-mapped token file (dataprep.token_file: ``launch data tokens`` writes them) cut into rows of
+    ``seq_length + 1`` tokens: inputs ``row[:-1]``, labels ``row[1:]``. The dtype comes from the sidecar
+    ``<path>.json`` (``{"dtype": "uint32"}``), default uint16; documents end with the tokenizer's eos id."""
 
     def __init__(self, path: str | Path, seq_length: int):
-        import numpy as np
-
         self.path, self.seq_length = Path(path), seq_length
         if not self.path.is_file():
             raise FileNotFoundError(f"pretraining token file not found: {self.path}")
-        sidecar = Path(str(self.path) + ".json")
-        dtype = json.loads(sidecar.read_text()).get("dtype", "uint16") if sidecar.is_file() else "uint16"
-        self.dtype = _token_dtype(dtype)
-        n_tokens = self.path.stat().st_size // self.dtype.itemsize
-        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, self.dtype)
+        self.tokens, self.meta = open_tokens(self.path)
+        self.dtype = self.tokens.dtype
+        n_tokens = len(self.tokens)
         self.n_rows = n_tokens // (seq_length + 1)
         if self.n_rows == 0:
             raise ValueError(f"{self.path}: {n_tokens} tokens is less than one row of seq_length + 1 = {seq_length + 1}")

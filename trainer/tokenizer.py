@@ -149,6 +149,11 @@ class HFTokenizer:
         """Token ids of ``text``, without automatically added special tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]`` in one call into the Rust library (no offsets computed where it can)."""
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast: tokenizers >= 0.21
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -170,6 +175,7 @@ def load_tokenizer(spec: str):
 # What a model directory carries of its tokenizer (copied as they are, when the run's tokenizer has them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template (it wins over the config's)
 
 
 def _gpt2_byte_chars() -> dict[int, str]:
@@ -197,7 +203,8 @@ def write_hf_tokenizer(spec: str, out: Path, chat_template: str | None, model_ma
 
     The byte tokenizer becomes an equivalent tokenizer.json; a tokenizer directory's files are copied.
     ``chat_template`` (the run's training template, as Jinja) replaces the one in tokenizer_config.json:
-    the fine-tuned model answers in the format it was trained on.
+    the fine-tuned model answers in the format it was trained on. ``None`` keeps the source's own template
+    (data.template=raw: the data was rendered with it), ``chat_template.jinja`` included.
     """
     import shutil
 
@@ -210,7 +217,7 @@ def write_hf_tokenizer(spec: str, out: Path, chat_template: str | None, model_ma
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     else:
         src = tok.path.parent
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + ((CHAT_TEMPLATE_FILE,) if chat_template is None else ()):
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)
         config = HFTokenizer._read_config(src / "tokenizer_config.json") or {"tokenizer_class": "PreTrainedTokenizerFast"}
@@ -218,4 +225,4 @@ def write_hf_tokenizer(spec: str, out: Path, chat_template: str | None, model_ma
     if chat_template is not None:
         config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return sorted(p.name for p in out.iterdir() if p.name in TOKENIZER_FILES)
+    return sorted(p.name for p in out.iterdir() if p.name in TOKENIZER_FILES + (CHAT_TEMPLATE_FILE,))
