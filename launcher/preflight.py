@@ -164,6 +164,9 @@ def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[st
         if bad or not recipe.peft.targets:
             out.append(Problem("error", "peft.targets", f"{_fmt(bad) if bad else 'empty'}: not in model {recipe.model.name}; valid: {_fmt(valid)}"))
     if recipe.backend.name == "nemo":
+        from nemo_backend.recipe import unsupported  # torch- and NeMo-free: the mapping's own rules
+
+        out += [Problem("error", f, why) for f, why in unsupported(recipe)]
         if profile.executor == "local":
             out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster", fit=True))
         elif not (recipe.backend.container_image or profile.container.image):

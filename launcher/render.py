@@ -23,7 +23,7 @@ from launcher.recipe import Recipe
 
 REQUEUE_EXIT_CODE = 75  # the trainer exits with this after checkpointing on SIGUSR2: "requeue me"
 # The module torchrun starts on every rank, per backend.
-ENTRY_MODULES = {"native": "trainer.main", "nemo": "trainer.nemo_main"}
+ENTRY_MODULES = {"native": "trainer.main", "nemo": "nemo_backend.main"}
 
 
 class Shell(str):

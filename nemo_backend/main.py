@@ -1,0 +1,101 @@
+"""The nemo backend's job entry: ``python -m nemo_backend.main --run-dir RUN_DIR`` on every rank (torchrun).
+
+Reads the run directory ``launch`` wrote, builds the NeMo recipe (:mod:`nemo_backend.recipe`), writes
+what NeMo is asked to do into the run directory before training (``nemo_recipe.yaml``, readable, and
+``nemo_recipe.json``, nemo_run's serialised form that deserialises to the same recipe), then runs it in
+this process (``run.run(recipe, direct=True)``) under the torchrun our job script started.
+
+``--config-only``: write the two files and stop (what ``launch``'s tests run on CPU; NeMo's trainer
+needs GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from launcher.cluster import ClusterProfile  # noqa: F401  (the run directory's profile type, for readers)
+from launcher.config_io import load_yaml_into
+from launcher.errors import UserError
+from launcher.recipe import Recipe
+from launcher.rundir import read_plan
+
+RECIPE_YAML, RECIPE_JSON = "nemo_recipe.yaml", "nemo_recipe.json"
+
+
+def write_config(run_dir: Path):
+    """Build the NeMo recipe of ``run_dir`` and write its YAML and JSON there (rank 0). Returns the recipe."""
+    from nemo_run.core.serialization.yaml import YamlSerializer
+    from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+
+    from nemo_backend.recipe import build, unsupported
+
+    recipe = load_yaml_into(Recipe, run_dir / "recipe.yaml")
+    problems = unsupported(recipe)
+    if problems:
+        field, why = problems[0]
+        raise UserError(why, field)
+    nemo = build(recipe, read_plan(run_dir), str(run_dir))
+    if int(os.environ.get("RANK", "0")) == 0:
+        (run_dir / RECIPE_YAML).write_text(YamlSerializer().serialize(nemo))
+        (run_dir / RECIPE_JSON).write_text(ZlibJSONSerializer().serialize(nemo))
+    return nemo
+
+
+def import_hf_checkpoint(run_dir: Path, nemo_recipe) -> None:
+    """checkpoint.load_format=hf: NeMo restores only NeMo checkpoints, so rank 0 imports the HF directory
+    into the run directory first (``llm.import_ckpt``; once: a requeued job finds it) and the other ranks
+    wait for it. GPU-only: NeMo's importer needs TransformerEngine (see README)."""
+    import time
+
+    from nemo.collections import llm
+
+    from nemo_backend.recipe import imported_path
+
+    recipe = load_yaml_into(Recipe, run_dir / "recipe.yaml")
+    if not recipe.checkpoint.load or recipe.checkpoint.load_format != "hf":
+        return
+    target, done = Path(imported_path(str(run_dir))), Path(imported_path(str(run_dir)) + ".done")
+    if int(os.environ.get("RANK", "0")) == 0 and not done.exists():
+        import fiddle as fdl
+
+        model = fdl.build(nemo_recipe.model)
+        llm.import_ckpt(model=model, source="hf://" + str(Path(recipe.checkpoint.load).expanduser().resolve()),
+                        output_path=str(target), overwrite=True)
+        done.write_text("imported\n")
+    while not done.exists():
+        time.sleep(5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m nemo_backend.main")
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--config-only", action="store_true", help="write nemo_recipe.yaml/json and stop")
+    args = ap.parse_args(argv)
+    if args.config_only:
+        try:
+            if not (args.run_dir / "plan.yaml").is_file():
+                raise UserError(f"{args.run_dir} is not a run directory written by launch (no plan.yaml)", "--run-dir")
+            write_config(args.run_dir)
+        except UserError as exc:
+            print(f"moe-launch: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"moe-launch: nemo: wrote {args.run_dir / RECIPE_YAML} and {RECIPE_JSON}")
+        return
+    from trainer.entry import run_entry
+
+    def body(run_dir: Path) -> int:
+        import nemo_run as run
+
+        recipe = write_config(run_dir)
+        import_hf_checkpoint(run_dir, recipe)
+        run.run(recipe, direct=True)  # NeMo's trainer in this process, under our torchrun
+        return 0
+
+    run_entry("python -m nemo_backend.main", body, ["--run-dir", str(args.run_dir)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Our recipe and plan as an NVIDIA NeMo 2 recipe (``run.Partial`` of ``llm.finetune`` / ``llm.pretrain``).
+
+Runs inside the job (NeMo's container, or the project's NeMo venv in tests): starts from NeMo's own
+``llm.<family>.finetune_recipe`` / ``pretrain_recipe`` and then sets every field our recipe and plan
+decide, so NeMo trains what ``launch`` planned and nothing of NeMo's defaults leaks through where we
+have a value: the model's architecture field by field, the layout (TP, PP with our first/last stage
+split, VPP, EP, ETP, CP, SP), recompute, batch and sequence, steps, optimizer and schedule, precision,
+data (our JSONL directory through ``FineTuningDataModule``), PEFT, checkpoints, logging and resume.
+
+:func:`values` is the same mapping as plain data (dotted NeMo path -> value), what tests compare and
+what :func:`build` applies; the mapping's rules live only there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.recipe import Recipe
+from model.config import ModelConfig
+
+# Our LoRA target names -> NeMo's (Megatron's MLA linears). NeMo's DeepSeek LoRA adapts attention only.
+LORA_TARGETS = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_b_proj": "linear_q_up_proj",
+                "kv_a_proj_with_mqa": "linear_kv_down_proj", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj"}
+# data.template -> FineTuningDataModule's prompt_template (NeMo renders "{input}" and "{output}").
+PROMPT_TEMPLATES = {"chatml": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n{output}<|im_end|>\n",
+                    "plain": "{input}\n{output}", "raw": "{input}{output}"}
+RECOMPUTE = {"none": (None, None, None), "selective": ("selective", None, None), "full": ("full", "uniform", 1)}
+
+
+def family(cfg: ModelConfig) -> str:
+    """NeMo's recipe module for the architecture: sigmoid routing is V3's; softmax V2's (V2-Lite: no q LoRA)."""
+    if cfg.scoring_func == "sigmoid":
+        return "deepseek_v3"
+    return "deepseek_v2_lite" if cfg.q_lora_rank is None else "deepseek_v2"
+
+
+def model_values(cfg: ModelConfig, recipe: Recipe) -> dict[str, Any]:
+    """Megatron's DeepSeek config fields for our model (``model.config.<field>``)."""
+    moe = cfg.n_routed_experts > 0
+    out = {
+        "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_head_dim": cfg.qk_nope_head_dim, "qk_pos_emb_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "vocab_size": cfg.vocab_size, "make_vocab_size_divisible_by": 1, "max_position_embeddings": cfg.max_position_embeddings,
+        "layernorm_epsilon": cfg.rms_norm_eps, "rotary_base": cfg.rope_theta, "init_method_std": cfg.initializer_range,
+        "share_embeddings_and_output_weights": cfg.tie_word_embeddings, "seq_length": recipe.data.seq_length,
+        "mtp_num_layers": cfg.num_nextn_predict_layers or None,
+        "mtp_loss_scaling_factor": recipe.train.mtp_loss_weight if cfg.num_nextn_predict_layers else None,
+    }
+    if moe:
+        out.update({
+            "num_moe_experts": cfg.n_routed_experts, "moe_ffn_hidden_size": cfg.moe_intermediate_size,
+            "moe_shared_expert_intermediate_size": cfg.n_shared_experts * cfg.moe_intermediate_size or None,
+            "moe_router_topk": cfg.num_experts_per_tok,
+            "moe_layer_freq": [int(cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)],
+            "moe_router_num_groups": cfg.n_group if cfg.n_group > 1 else None,
+            "moe_router_group_topk": cfg.topk_group if cfg.n_group > 1 else None,
+            "moe_router_topk_scaling_factor": cfg.routed_scaling_factor, "moe_router_score_function": cfg.scoring_func,
+            "moe_router_enable_expert_bias": cfg.topk_method == "noaux_tc",
+            "moe_router_bias_update_rate": recipe.train.bias_update_rate,
+            "moe_aux_loss_coeff": cfg.aux_loss_alpha,
+        })
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        out.update({"rotary_scaling_factor": rs.factor, "original_max_position_embeddings": rs.original_max_position_embeddings,
+                    "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale, "mscale_all_dim": rs.mscale_all_dim})
+    granularity, method, layers = RECOMPUTE[recipe.parallel.recompute]
+    out.update({"recompute_granularity": granularity, "recompute_method": method, "recompute_num_layers": layers})
+    return {f"model.config.{k}": v for k, v in out.items()}
+
+
+def values(recipe: Recipe, plan: dict, run_dir: str) -> dict[str, Any]:
+    """Every NeMo recipe field we set, as ``dotted path -> value`` (data module and PEFT config separately)."""
+    lay, t = plan["layout"], recipe.train
+    stages = plan["pipeline"]["layers_per_stage"]
+    pp = lay["pp"]
+    out = {
+        "trainer.num_nodes": plan["nodes"], "trainer.devices": plan["gpus_per_node"],
+        "trainer.strategy.tensor_model_parallel_size": lay["tp"],
+        "trainer.strategy.pipeline_model_parallel_size": pp,
+        "trainer.strategy.virtual_pipeline_model_parallel_size": lay["vpp"] if lay["vpp"] > 1 else None,
+        # Megatron splits the middle stages evenly: give it our first and last stage (the rest must be equal)
+        "trainer.strategy.num_layers_in_first_pipeline_stage": stages[0] if pp > 1 else None,
+        "trainer.strategy.num_layers_in_last_pipeline_stage": stages[-1] if pp > 1 else None,
+        "trainer.strategy.expert_model_parallel_size": lay["ep"],
+        "trainer.strategy.expert_tensor_parallel_size": lay["etp"],
+        "trainer.strategy.context_parallel_size": lay["cp"],
+        "trainer.strategy.sequence_parallel": bool(lay["sp"]),
+        "trainer.max_steps": t.max_steps,
+        "trainer.val_check_interval": t.eval_interval or t.max_steps,
+        "trainer.log_every_n_steps": t.log_interval,
+        "trainer.plugins.precision": "bf16-mixed" if t.precision == "bf16" else "32",
+        "optim.config.lr": t.lr, "optim.config.weight_decay": t.weight_decay, "optim.config.adam_beta1": t.adam_beta1,
+        "optim.config.adam_beta2": t.adam_beta2, "optim.config.clip_grad": t.grad_clip,
+        "optim.config.bf16": t.precision == "bf16", "optim.config.use_distributed_optimizer": True,
+        "optim.lr_scheduler.warmup_steps": t.warmup_steps, "optim.lr_scheduler.min_lr": t.min_lr,
+        "log.log_dir": f"{run_dir}/nemo", "log.name": recipe.name,
+        "log.ckpt.every_n_train_steps": recipe.checkpoint.interval, "log.ckpt.save_top_k": recipe.checkpoint.keep,
+        "resume.resume_if_exists": recipe.checkpoint.resume,
+    }
+    if recipe.checkpoint.load:  # an HF directory is imported into the run directory first (nemo_backend.main)
+        out["resume.restore_config.path"] = imported_path(run_dir) if recipe.checkpoint.load_format == "hf" else recipe.checkpoint.load
+    out.update(model_values(recipe.model, recipe))
+    return out
+
+
+def imported_path(run_dir: str) -> str:
+    """Where the job imports an HF checkpoint (checkpoint.load_format=hf) as a NeMo checkpoint before training."""
+    return f"{run_dir}/nemo/imported"
+
+
+def data_values(recipe: Recipe) -> dict[str, Any]:
+    """FineTuningDataModule's arguments for our SFT directory (or PreTrainingDataModule's for tokens)."""
+    d, t = recipe.data, recipe.train
+    common = {"seq_length": d.seq_length, "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size}
+    if d.kind == "pretrain":
+        return {"paths": [d.path], **common, "seed": t.seed}
+    return {"dataset_root": d.path, **common, "seed": t.seed,
+            "dataset_kwargs": {"prompt_template": PROMPT_TEMPLATES[d.template], "label_key": "output",
+                               "answer_only_loss": d.answer_only_loss, "truncation_field": "input"}}
+
+
+def peft_values(recipe: Recipe) -> dict[str, Any] | None:
+    p = recipe.peft
+    if p.method == "none":
+        return None
+    return {"dim": p.rank, "alpha": p.alpha, "dropout": p.dropout, "target_modules": [LORA_TARGETS[x] for x in p.targets]}
+
+
+def unsupported(recipe: Recipe) -> list[tuple[str, str]]:
+    """(field, why) for what the NeMo path cannot do; checked at pre-flight (torch- and NeMo-free)."""
+    out = []
+    bad = [x for x in recipe.peft.targets if x not in LORA_TARGETS] if recipe.peft.method == "lora" else []
+    if bad:
+        out.append(("peft.targets", f"{', '.join(bad)}: NeMo's DeepSeek LoRA adapts the attention projections only; "
+                                    f"valid: {', '.join(LORA_TARGETS)}"))
+    if recipe.data.path is None:
+        out.append(("data.path", "the nemo backend needs a data directory (the generated smoke data is the native trainer's)"))
+    if recipe.data.kind == "sft" and recipe.data.packing and recipe.train.micro_batch_size != 1:
+        out.append(("train.micro_batch_size", "NeMo's packed sequences need micro batch 1; set train.micro_batch_size=1 "
+                                              "or data.packing=false"))
+    if recipe.data.tokenizer == "byte":
+        out.append(("data.tokenizer", "the nemo backend needs a Hugging Face tokenizer directory (not the built-in byte one)"))
+    return out
+
+
+def build(recipe: Recipe, plan: dict, run_dir: str):
+    """The NeMo recipe (``run.Partial``) with :func:`values` applied. Imports NeMo."""
+    import nemo_run as run
+    from nemo.collections import llm
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+    fam = getattr(llm, family(recipe.model))
+    common = {"dir": f"{run_dir}/nemo", "name": recipe.name, "num_nodes": plan["nodes"], "num_gpus_per_node": plan["gpus_per_node"]}
+    if recipe.data.kind == "pretrain":
+        r = fam.pretrain_recipe(**common)
+    else:
+        r = fam.finetune_recipe(**common, peft_scheme=None if recipe.peft.method == "none" else recipe.peft.method,
+                                seq_length=recipe.data.seq_length, packed_sequence=recipe.data.packing)
+    tokenizer = run.Config(AutoTokenizer, pretrained_model_name=recipe.data.tokenizer)
+    data_cls = llm.PreTrainingDataModule if recipe.data.kind == "pretrain" else llm.FineTuningDataModule
+    r.data = run.Config(data_cls, **data_values(recipe), tokenizer=tokenizer)
+    if not recipe.checkpoint.load:
+        r.resume.restore_config = None  # from scratch (NeMo's recipes default to a hub checkpoint)
+    for path, value in values(recipe, plan, run_dir).items():
+        set_path(r, path, value)
+    peft = peft_values(recipe)
+    if peft is not None:
+        for key, value in peft.items():
+            setattr(r.peft, key, value)
+    return r
+
+
+def set_path(root, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = root
+    for p in parents:
+        node = getattr(node, p)
+    if last == "precision" and parents[-1:] == ["plugins"]:  # MegatronMixedPrecision: precision and the dtypes with it
+        import torch
+
+        dtype = torch.bfloat16 if value == "bf16-mixed" else torch.float32
+        node.precision, node.params_dtype, node.pipeline_dtype = value, dtype, dtype
+        return
+    setattr(node, last, value)
+
+
+def get_path(root, dotted: str):
+    node = root
+    for p in dotted.split("."):
+        node = getattr(node, p)
+    return node

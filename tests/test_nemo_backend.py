@@ -1,0 +1,111 @@
+"""The nemo backend's job side, run in the project's NeMo venv (scripts/nemo_venv.sh; .ci/run builds it).
+
+For every shipped recipe with backend.name=nemo: `launch --dry-run` writes a run directory, the job's
+entry module (`python -m nemo_backend.main --config-only`) builds the NeMo recipe from it, and the built
+recipe holds exactly the values our recipe and plan say (field by field, read back from NeMo's objects);
+its readable YAML is a golden file; its JSON form deserialises to an equal recipe.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from launcher.config_io import load_yaml_into
+from launcher.recipe import Recipe
+from nemo_backend.recipe import data_values, peft_values, values
+
+NEMO_PYTHON = Path(os.environ.get("MOE_LAUNCH_NEMO_PYTHON", ROOT / ".nemo-venv" / "bin" / "python"))
+pytestmark = pytest.mark.skipif(not NEMO_PYTHON.exists(), reason="no NeMo venv (bash scripts/nemo_venv.sh)")
+GOLDEN = ROOT / "tests" / "golden" / "nemo"
+NEMO = ["backend.name=nemo", "backend.container_image=nvcr.io/nvidia/nemo:25.09"]
+CASES = {"full_ft": ("h100-8x64", []), "lora": ("h100-8x64", []), "full_ft_16b": ("h100-8x4", []),
+         "pretrain": ("h100-8x4", []), "pretrain_671b": ("h100-8x64", ["parallel.ep=32"])}
+
+# Runs in the NeMo venv: build each run directory's recipe through the entry module, read every field back.
+READ_BACK = """
+import json, sys
+from pathlib import Path
+from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+from nemo_backend.main import write_config
+from nemo_backend.recipe import get_path
+out = {}
+for run_dir, keys in json.loads(sys.argv[1]).items():
+    r = write_config(Path(run_dir))
+    got = {k: get_path(r, k) for k in keys}
+    got["data"] = {k: getattr(r.data, k) for k in ("dataset_root", "paths", "seq_length", "micro_batch_size",
+                   "global_batch_size", "seed", "dataset_kwargs") if hasattr(r.data, k)}
+    peft = getattr(r, "peft", None) if "peft" in r.__arguments__ else None
+    got["peft"] = None if peft is None else {k: getattr(peft, k) for k in ("dim", "alpha", "dropout", "target_modules")}
+    back = ZlibJSONSerializer().deserialize((Path(run_dir) / "nemo_recipe.json").read_text())
+    got["json_equal"] = back == r
+    got["fn"] = r.__fn_or_cls__.__name__
+    out[run_dir] = got
+print("RESULT " + json.dumps(out, default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{recipe name: (run dir, what the NeMo venv read back)} for every case, in one NeMo process."""
+    base = tmp_path_factory.mktemp("nemo")
+    runs = {}
+    for name, (cluster, extra) in CASES.items():
+        root = base / name
+        res = subprocess.run([sys.executable, "-m", "launcher.cli", name, "--cluster", cluster, "--dry-run", "--runs-dir",
+                              str(root), *NEMO, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        (run,) = [p for p in root.iterdir() if not p.name.startswith(".")]
+        assert "-m nemo_backend.main --run-dir" in (run / "job.sbatch").read_text()
+        runs[name] = run
+    keys = {str(run): list(expected(run)) for run in runs.values()}
+    res = subprocess.run([str(NEMO_PYTHON), "-c", READ_BACK, json.dumps(keys)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-4000:]
+    result = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    return {name: (run, result[str(run)]) for name, run in runs.items()}
+
+
+def expected(run: Path) -> dict:
+    recipe = load_yaml_into(Recipe, run / "recipe.yaml")
+    return values(recipe, yaml.safe_load((run / "plan.yaml").read_text()), str(run))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nemo_recipe_has_our_values_field_by_field(built, name):
+    run, got = built[name]
+    recipe = load_yaml_into(Recipe, run / "recipe.yaml")
+    want = expected(run)
+    wrong = {k: (v, got[k]) for k, v in want.items() if got[k] != (str(v) if isinstance(v, float) and k.endswith("precision") else v)
+             and not (isinstance(v, float) and isinstance(got[k], (int, float)) and abs(got[k] - v) <= 1e-12 * max(abs(v), 1))}
+    assert not wrong, wrong
+    assert got["fn"] == ("pretrain" if recipe.data.kind == "pretrain" else "finetune")
+    data = data_values(recipe)
+    for k, v in data.items():
+        assert got["data"][k] == v, k
+    assert got["peft"] == peft_values(recipe)
+    assert got["json_equal"] is True
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nemo_recipe_yaml_is_golden(built, name):
+    run, _ = built[name]
+    text = (run / "nemo_recipe.yaml").read_text().replace(str(run), f"/runs/{name}")
+    path = GOLDEN / f"{name}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden {path.name}: run UPDATE_GOLDEN=1 pytest tests/test_nemo_backend.py"
+    assert text == path.read_text(), f"{path.name} changed: review the diff, then UPDATE_GOLDEN=1 pytest tests/test_nemo_backend.py"
+
+
+def test_unsupported_fields_are_refused_before_queueing(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "lora", "--cluster", "h100-8x64", "--dry-run", "--runs-dir",
+                          str(tmp_path), *NEMO, "peft.targets=[q_a_proj,gate_proj]"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "peft.targets: gate_proj: NeMo's DeepSeek LoRA adapts the attention projections only" in res.stderr
+    assert not list(tmp_path.iterdir())
