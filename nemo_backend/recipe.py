@@ -21,8 +21,10 @@ from model.config import ModelConfig
 # Our LoRA target names -> NeMo's (Megatron's MLA linears). NeMo's DeepSeek LoRA adapts attention only.
 LORA_TARGETS = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_b_proj": "linear_q_up_proj",
                 "kv_a_proj_with_mqa": "linear_kv_down_proj", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj"}
-# data.template -> FineTuningDataModule's prompt_template (NeMo renders "{input}" and "{output}").
-PROMPT_TEMPLATES = {"chatml": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n{output}<|im_end|>\n",
+# data.template -> FineTuningDataModule's prompt_template. NeMo requires "{output}" last and ends every
+# answer with the tokenizer's eos (add_eos): chatml answers end with eos there, not with "<|im_end|>\n" as
+# in the native trainer; plain is the same (bos aside: NeMo adds none by default).
+PROMPT_TEMPLATES = {"chatml": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n{output}",
                     "plain": "{input}\n{output}", "raw": "{input}{output}"}
 RECOMPUTE = {"none": (None, None, None), "selective": ("selective", None, None), "full": ("full", "uniform", 1)}
 

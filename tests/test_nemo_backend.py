@@ -109,3 +109,51 @@ def test_unsupported_fields_are_refused_before_queueing(tmp_path):
                           str(tmp_path), *NEMO, "peft.targets=[q_a_proj,gate_proj]"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "peft.targets: gate_proj: NeMo's DeepSeek LoRA adapts the attention projections only" in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+DATA_MODULE = """
+import json, sys
+import fiddle as fdl, nemo_run as run
+from nemo.collections import llm
+from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+from nemo_backend.recipe import PROMPT_TEMPLATES
+data, tok = sys.argv[1], sys.argv[2]
+out = {}
+for name in ("chatml", "plain"):
+    dm = fdl.build(run.Config(llm.FineTuningDataModule, dataset_root=data, seq_length=64, micro_batch_size=1, global_batch_size=2,
+                              seed=1, tokenizer=run.Config(AutoTokenizer, pretrained_model_name=tok),
+                              dataset_kwargs={"prompt_template": PROMPT_TEMPLATES[name], "label_key": "output",
+                                              "answer_only_loss": True, "truncation_field": "input"}))
+    ds = dm._create_dataset(dm.train_path, **dm.dataset_kwargs)
+    batch = ds.collate_fn([ds[0]])
+    out[name] = {k: batch[k][0].tolist() for k in ("tokens", "labels", "loss_mask")}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_nemo_data_module_reads_our_sft_directory_with_our_answer_tokens(tmp_path):
+    """NeMo's FineTuningDataModule (real, on CPU) on our JSONL with a local tokenizer: the tokens it trains on
+    (loss_mask 1) are our answer tokens; plain equals ours (NeMo adds no bos), chatml ends with eos in NeMo."""
+    from trainer.chat import JINJA, render_chat
+    from trainer.tokenizer import load_tokenizer, write_hf_tokenizer
+
+    tok_dir, data = tmp_path / "tok", tmp_path / "sft"
+    tok_dir.mkdir()
+    data.mkdir()
+    write_hf_tokenizer("byte", tok_dir, JINJA["chatml"], 1024)
+    for split in ("training", "validation", "test"):
+        (data / f"{split}.jsonl").write_text('{"input": "What is 2+3?", "output": "5"}\n{"input": "Capital of France?", "output": "Paris"}\n')
+    res = subprocess.run([str(NEMO_PYTHON), "-c", DATA_MODULE, str(data), str(tok_dir)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    tok = load_tokenizer(str(tok_dir))
+    for name in ("chatml", "plain"):
+        prompt, answer = render_chat(name, "What is 2+3?", "5", tok)
+        tokens, labels, mask = got[name]["tokens"], got[name]["labels"], got[name]["loss_mask"]
+        trained = [t for t, m in zip(labels, mask) if m]  # the targets the loss covers
+        assert tokens[:len(prompt) - 1] == prompt[1:], name  # the prompt, without our bos
+        if name == "plain":
+            assert trained == answer
+        else:
+            assert trained == answer[:-2] + [tok.eos_id]  # "<|im_end|>\n" in ours, eos in NeMo's
