@@ -16,6 +16,26 @@ import yaml
 import launcher
 
 
+# What a job imports of moe-launch (not the launcher's templates and shipped profiles, nor the recipes).
+CODE_PACKAGES = ("launcher", "model", "trainer", "nemo_backend", "export", "generation", "evaluation", "dataprep")
+
+
+def code_snapshot() -> dict[str, str]:
+    """moe-launch's job-side code as run-directory files ``code/<package>/...``: a container job mounts the run
+    directory and puts ``RUN_DIR/code`` first on PYTHONPATH, so it runs the code that planned it, whatever the
+    image holds (as NeMo-Run's packagers do; ``code/SOURCE.json``: the version and git state it came from)."""
+    import json
+
+    from launcher import paths
+
+    root = paths.PACKAGE_DIR.parent
+    files = {f"code/{f.relative_to(root).as_posix()}": f.read_text(encoding="utf-8")
+             for pkg in CODE_PACKAGES for f in sorted((root / pkg).rglob("*.py")) if "__pycache__" not in f.parts}
+    source = {"moe-launch": launcher.__version__, "path": str(root), "git": git_state(root)}
+    files["code/SOURCE.json"] = json.dumps(source, indent=2) + "\n"
+    return files
+
+
 def git_state(path: Path) -> dict:
     """Commit and dirty flag of the git work tree holding ``path`` (empty if none)."""
     try:

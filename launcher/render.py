@@ -88,6 +88,12 @@ class RenderInput:
     what: str = "recipe"  # the script's first line: "moe-launch job: <what> <job_name> on cluster ..."
 
 
+def container_mounts(profile: ClusterProfile, run_dir: str) -> list[str]:
+    """pyxis mounts of a container job: the run directory at its own path (the job's inputs, outputs and
+    the snapshot of moe-launch's code under ``code/``), then the profile's."""
+    return [f"{run_dir}:{run_dir}", *profile.container.mounts]
+
+
 def render(inp: RenderInput) -> str:
     """The job script: ``job.sbatch`` for Slurm profiles, ``job.sh`` for the local executor."""
     image = inp.recipe.backend.container_image or inp.profile.container.image
@@ -103,6 +109,7 @@ def render(inp: RenderInput) -> str:
         run_dir=inp.run_dir,
         python=inp.python or inp.profile.python or ("python" if image else sys.executable),
         image=image,
+        mounts=container_mounts(inp.profile, inp.run_dir),
         entry_module=inp.entry_module or ENTRY_MODULES[inp.recipe.backend.name],
         job_name=inp.job_name or inp.recipe.name,
         what=Shell(inp.what),

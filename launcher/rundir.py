@@ -55,6 +55,7 @@ def create(final: Path, files: dict[str, str]) -> None:
     try:
         (staging / "logs").mkdir()
         for name, text in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)  # code/<package>/... of a container job
             (staging / name).write_text(text)
             if name.endswith((".sbatch", ".sh")):
                 os.chmod(staging / name, 0o755)

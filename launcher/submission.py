@@ -23,7 +23,7 @@ from launcher.pipeline import Pipeline, Stage, placeholders
 from launcher.plan import plan_dict, summary
 from launcher.preflight import Preflight, run_preflight
 from launcher.recipe import Recipe, fingerprint
-from launcher.render import RenderInput, Shell, environment, render
+from launcher.render import RenderInput, Shell, container_mounts, environment, render
 
 
 @dataclass
@@ -213,6 +213,9 @@ def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_r
             run.files = {run.script_name: script, "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan),
                          "meta.yaml": rundir.dump(meta)}
             run.lines = [f"stage    {st.name}: {shlex.join(st.command)}"]
+        image = (run.recipe.backend.container_image if run.recipe is not None else None) or profile.container.image
+        if image and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
+            run.files.update(provenance.code_snapshot())
 
 
 def render_command(st: Stage, job_name: str, profile: ClusterProfile, run_dir: str, python: str) -> str:
@@ -225,7 +228,8 @@ def render_command(st: Stage, job_name: str, profile: ClusterProfile, run_dir: s
             check_sbatch_value(st.time, f"stage {st.name}.time")
     return environment().get_template("command.sbatch.j2").render(
         stage=st, pipeline=job_name.split(".")[0], job_name=job_name, profile=profile, slurm=slurm, run_dir=run_dir,
-        image=image, env=sorted(profile.env.items()), command=Shell(shlex.join(st.command)), command_text=shlex.join(st.command),
+        image=image, mounts=container_mounts(profile, run_dir), env=sorted(profile.env.items()),
+        command=Shell(shlex.join(st.command)), command_text=shlex.join(st.command),
     )
 
 

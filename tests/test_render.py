@@ -147,5 +147,30 @@ def test_container_and_setup_lines():
                                   container=dataclasses.replace(profile.container, image="nvcr.io/nvidia/nemo:25.09", mounts=["/data:/data", "/ckpt:/ckpt"]))
     text = render(RenderInput(recipe, profile, pre.layout, "/runs/x"))
     assert "module load cuda/12.4\nsource /opt/env.sh\n" in text
-    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in text and "--container-mounts=/data:/data,/ckpt:/ckpt" in text
+    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in text and "--container-mounts=/runs/x:/runs/x,/data:/data,/ckpt:/ckpt" in text
     assert "PYTHON=python\n" in text
+
+
+def test_a_container_job_carries_moe_launch_code(tmp_path):
+    """A container job mounts its run directory and runs the code snapshotted there (code/ on PYTHONPATH),
+    whatever the image holds: the snapshot imports on its own."""
+    import subprocess
+    import sys
+
+    prof = tmp_path / "box.yaml"
+    prof.write_text("name: box\nexecutor: slurm\ndevice: cpu\nnodes: 1\ngpus_per_node: 2\n"
+                    "gpu: {type: cpu, memory_gb: 8, peak_tflops: 1.0, assumed_mfu: 0.1}\ncontainer: {image: reg/img:1}\n")
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "smoke", "--cluster", str(prof), "--dry-run", "--runs-dir",
+                          str(tmp_path / "runs")], cwd=paths.PACKAGE_DIR.parent, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    script = (run / "job.sbatch").read_text()
+    assert f"--container-mounts={run}:{run}" in script
+    assert 'export PYTHONPATH="$RUN_DIR/code${PYTHONPATH:+:$PYTHONPATH}"' in script
+    code = run / "code"
+    assert (code / "nemo_backend" / "main.py").is_file() and (code / "trainer" / "main.py").is_file()
+    assert "moe-launch" in (code / "SOURCE.json").read_text()
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import launcher.config_io, nemo_backend.recipe, model.config; " \
+            "print(launcher.config_io.__file__, nemo_backend.recipe.__file__, model.config.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe, str(code)], cwd=tmp_path, capture_output=True, text=True).stdout.split()
+    assert len(out) == 3 and all(f.startswith(str(code)) for f in out), out

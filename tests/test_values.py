@@ -99,11 +99,11 @@ def test_run_dir_interpreter_and_container_fields_in_the_script(tmp_path, capsys
     image, mount, python = "reg.io/team/img:$TAG `x`", "/data/$(id) x:/data:ro", "/opt/my venv/${X}/python"
     prof.write_text(f"name: s\nexecutor: slurm\n{CPU}" + yaml.safe_dump(
         {"python": python, "container": {"image": image, "mounts": [mount, "/b:/b"]}, "slurm": {"rdzv_host": "head-0.cluster"}}))
-    _, script = dry_run(tmp_path / "s", capsys, prof)
+    srun, script = dry_run(tmp_path / "s", capsys, prof)
     seen = bash_env(script[script.index("RUN_DIR="):script.index("# ---- environment")], ["PYTHON"])
     assert seen == {"PYTHON": python}
     assert shell_words(script, "--container-image=") == [f"--container-image={image}", "--no-container-mount-home"]
-    assert shell_words(script, "--container-mounts=") == [f"--container-mounts={mount},/b:/b"]
+    assert shell_words(script, "--container-mounts=") == [f"--container-mounts={srun}:{srun},{mount},/b:/b"]
     assert bash_env(next(ln for ln in script.splitlines() if ln.startswith("HEAD_ADDR=")).split("#")[0], ["HEAD_ADDR"]) == {"HEAD_ADDR": "head-0.cluster"}
 
 
