@@ -3,7 +3,8 @@
 Reads the run directory ``launch`` wrote, builds the NeMo recipe (:mod:`nemo_backend.recipe`), writes
 what NeMo is asked to do into the run directory before training (``nemo_recipe.yaml``, readable, and
 ``nemo_recipe.json``, nemo_run's serialised form that deserialises to the same recipe), then runs it in
-this process (``run.run(recipe, direct=True)``) under the torchrun our job script started.
+this process (``run.run(recipe, direct=True)``) under the torchrun our job script started, with our
+requeue protocol (:mod:`nemo_backend.requeue`: checkpoint and exit 75 on SIGUSR2/SIGTERM).
 
 ``--config-only``: write the two files and stop (what ``launch``'s tests run on CPU; NeMo's trainer
 needs GPUs).
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         run.run(recipe, direct=True)  # NeMo's trainer in this process, under our torchrun
         return 0
 
-    run_entry("python -m nemo_backend.main", body, ["--run-dir", str(args.run_dir)])
+    from launcher.render import REQUEUE_EXIT_CODE
+
+    run_entry("python -m nemo_backend.main", body, ["--run-dir", str(args.run_dir)], success=(0, REQUEUE_EXIT_CODE))
 
 
 if __name__ == "__main__":

@@ -166,6 +166,9 @@ def build(recipe: Recipe, plan: dict, run_dir: str):
         r.resume.restore_config = None  # from scratch (NeMo's recipes default to a hub checkpoint)
     for path, value in values(recipe, plan, run_dir).items():
         set_path(r, path, value)
+    from nemo_backend.requeue import RequeueOnSignal
+
+    r.trainer.callbacks = [*(r.trainer.callbacks or []), run.Config(RequeueOnSignal)]  # checkpoint + exit 75 on USR2/TERM
     peft = peft_values(recipe)
     if peft is not None:
         for key, value in peft.items():

@@ -157,3 +157,38 @@ def test_nemo_data_module_reads_our_sft_directory_with_our_answer_tokens(tmp_pat
             assert trained == answer
         else:
             assert trained == answer[:-2] + [tok.eos_id]  # "<|im_end|>\n" in ours, eos in NeMo's
+
+
+REQUEUE = """
+import os, signal, sys, types
+import torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from nemo_backend.requeue import RequeueOnSignal
+saved = []
+ckpt = types.SimpleNamespace(_monitor_candidates=lambda t: {}, _save_last_checkpoint=lambda t, m: saved.append(1))
+trainer = types.SimpleNamespace(should_stop=False, checkpoint_callback=ckpt, strategy=types.SimpleNamespace(checkpoint_io=None))
+cb = RequeueOnSignal()
+cb.on_train_start(trainer, None)
+cb.on_train_batch_end(trainer, None, None, None, 0)  # no signal: training goes on
+assert not trainer.should_stop and not saved
+os.kill(os.getpid(), signal.SIGTERM if sys.argv[2] == "TERM" else signal.SIGUSR2)
+try:
+    cb.on_train_batch_end(trainer, None, None, None, 1)
+except SystemExit as e:
+    print("EXIT", e.code, trainer.should_stop, len(saved))
+"""
+
+
+@pytest.mark.parametrize("sig", ["USR2", "TERM"])
+def test_nemo_trainer_checkpoints_and_exits_75_on_usr2_and_term(sig):
+    """Our requeue protocol in NeMo's trainer (a Lightning callback): at the end of the step after the
+    signal, save the last checkpoint and exit 75 (NeMo's own PreemptionCallback exits 0, one signal)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([str(NEMO_PYTHON), "-c", REQUEUE, str(port), sig], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "EXIT 75 True 1" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
