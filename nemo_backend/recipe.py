@@ -143,6 +143,14 @@ def unsupported(recipe: Recipe) -> list[tuple[str, str]]:
                                               "or data.packing=false"))
     if recipe.data.tokenizer == "byte":
         out.append(("data.tokenizer", "the nemo backend needs a Hugging Face tokenizer directory (not the built-in byte one)"))
+    if recipe.parallel.pp_schedule == "gpipe":
+        out.append(("parallel.pp_schedule", "Megatron runs 1f1b or interleaved_1f1b, not gpipe"))
+    if recipe.train.lr_schedule != "cosine":
+        out.append(("train.lr_schedule", f"{recipe.train.lr_schedule}: the nemo backend maps the cosine schedule only "
+                                         "(NeMo's CosineAnnealingScheduler); use train.lr_schedule=cosine"))
+    if recipe.checkpoint.save_dir:
+        out.append(("checkpoint.save_dir", "NeMo writes checkpoints under RUN/nemo/<name>/checkpoints (resumed from there); "
+                                           "leave checkpoint.save_dir unset"))
     return out
 
 

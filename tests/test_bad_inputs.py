@@ -131,6 +131,14 @@ CASES = [pytest.param(launch(o), {}, w, id=o.replace("\n", "\\n")) for o, w in R
     pytest.param(["plan", "recipes/smoke.py", "--cluster", "local", "--nodes", "0"], {}, "--nodes: must be >= 1", id="plan-nodes"),
     pytest.param(["plan", "recipes/smoke.py", "--cluster", "local", "--max-nodes", "0", "--search"], {}, "--max-nodes: must be >= 1", id="plan-max-nodes"),
     pytest.param(["plan", "recipes/smoke.py", "--cluster", "local", "--top", "0"], {}, "--top: must be >= 1", id="plan-top"),
+    # the nemo backend: what its mapping cannot express, refused before queueing
+    *[pytest.param(["lora", "--cluster", "h100-8x64", "--dry-run", "--runs-dir", "{t}/runs", "backend.name=nemo",
+                    "backend.container_image=nvcr.io/nvidia/nemo:25.09", o], {}, w, id=f"nemo-{o.split('=')[0]}")
+      for o, w in (("peft.targets=[q_a_proj,gate_proj]", "peft.targets: gate_proj: NeMo's DeepSeek LoRA adapts the attention projections only"),
+                   ("train.lr_schedule=linear", "train.lr_schedule: linear: the nemo backend maps the cosine schedule only"),
+                   ("parallel.pp_schedule=gpipe", "parallel.pp_schedule: Megatron runs 1f1b or interleaved_1f1b"),
+                   ("checkpoint.save_dir=/ckpt", "checkpoint.save_dir: NeMo writes checkpoints under RUN/nemo"),
+                   ("data.tokenizer=byte", "data.tokenizer: the nemo backend needs a Hugging Face tokenizer"))],
     # following runs
     pytest.param(["status", "no-such-run", "--runs-dir", "{t}/runs"], {}, "RUN: 'no-such-run' is not a run directory, a run under {t}/runs, or the job id of one", id="status-missing"),
     pytest.param(["list", "--since", "yesterday", "--runs-dir", "{t}/runs"], {}, "--since: 'yesterday' is not a date", id="list-since"),
