@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from launcher.config_io import jsonl_records
 from launcher.errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
@@ -93,13 +94,7 @@ def _object(obj, path: Path, where: str) -> dict:
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
     with _reading(path), _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"line {n}: invalid JSON: {e.msg} (column {e.colno})", str(path)) from None
+        for n, obj in jsonl_records(f, path):
             yield Row(_object(obj, path, f"line {n}"), str(path), f"line {n}")
 
 

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.config_io import json_line
 from launcher.errors import UserError
 
 CHUNK_BYTES = 1 << 18  # input text per work item (a fraction of a second of tokenizing)
@@ -190,10 +191,7 @@ class Encoder:
         return texts, skipped
 
     def record_text(self, line: str, lineno: int, file: str) -> str:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})", file) from None
+        obj = json_line(line, lineno, file)
         if not isinstance(obj, dict):
             raise UserError(f"line {lineno}: expected a JSON object, got {type(obj).__name__}", file)
         if self.text_key not in obj:

@@ -24,7 +24,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Iterable, Iterator, TypeVar, Union
 
 import yaml
 
@@ -263,14 +263,16 @@ def to_yaml(obj: Any) -> str:
     return dump_yaml(dataclasses.asdict(obj))
 
 
-def read_jsonl(file: Path) -> list[tuple[int, Any]]:
-    """(line number, value) of every non-blank line of a JSON Lines file. ValueError names the line of bad JSON."""
-    rows = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-    return rows
+def json_line(line: str, lineno: int, file: object) -> Any:
+    """One line of a JSON Lines file, parsed; bad JSON is a UserError naming the file and the line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})", str(file)) from None
+
+
+def jsonl_records(f: Iterable[str], file: object) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of an open JSON Lines file (see :func:`json_line`)."""
+    for lineno, line in enumerate(f, 1):
+        if line.strip():
+            yield lineno, json_line(line, lineno, file)

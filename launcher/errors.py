@@ -14,7 +14,7 @@ class UserError(Exception):
     """A problem with the user's input, reported as ``field: message`` without a traceback."""
 
     def __init__(self, message: str, field: str | None = None):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}" if field else message)
 
 

@@ -10,6 +10,7 @@ import json
 from itertools import islice
 from pathlib import Path
 
+from launcher.config_io import jsonl_records
 from launcher.errors import UserError
 
 SPLIT_FILES = {"training": "training.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
@@ -49,12 +50,7 @@ def read_records(file: str | Path, limit: int | None = None) -> list[tuple[str, 
     out = []
     try:
         with open(file, encoding="utf-8") as f:
-            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-            for lineno, line in islice(numbered, limit):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})", str(file)) from None
+            for lineno, obj in islice(jsonl_records(f, file), limit):
                 out.append((*record(obj, file, lineno), obj))
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", str(file)) from None

@@ -129,9 +129,10 @@ def read_prompts(file: Path) -> list[dict]:
     if not file.is_file():
         raise UserError(f"no such file {file}", "--input")
     try:
-        lines = config_io.read_jsonl(file)
-    except ValueError as exc:
-        raise UserError(str(exc), f"--input {file}") from None
+        with open(file, encoding="utf-8") as f:
+            lines = list(config_io.jsonl_records(f, file))
+    except UserError as exc:
+        raise UserError(exc.message, f"--input {file}") from None
     rows = []
     for lineno, obj in lines:
         text = obj.get("prompt", obj.get("input")) if isinstance(obj, dict) else None
