@@ -177,11 +177,46 @@ except SystemExit as e:
 def test_nemo_trainer_checkpoints_and_exits_75_on_usr2_and_term(sig):
     """Our requeue protocol in NeMo's trainer (a Lightning callback): at the end of the step after the
     signal, save the last checkpoint and exit 75 (NeMo's own PreemptionCallback exits 0, one signal)."""
+    res = subprocess.run([str(NEMO_PYTHON), "-c", REQUEUE, str(free_port()), sig], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "EXIT 75 True 1" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_megatron_model_our_job_configures_trains_a_step_on_cpu(tmp_path):
+    """The tiny model, `launch`ed with backend.name=nemo: the Megatron DeepSeek model NeMo would build from the
+    job's recipe (r.model.config) has exactly our parameter count (MTP included) and runs forward and
+    backward on CPU (tests/nemo_scripts/megatron_cpu.py; the CUDA-only calls it patches are listed there):
+    loss ~ ln(vocab) at init, a finite non-zero gradient on every parameter (experts and routers too)."""
+    from model.presets import tiny
+    from trainer.chat import JINJA
+    from trainer.tokenizer import write_hf_tokenizer
+
+    tok, data, runs = tmp_path / "tok", tmp_path / "sft", tmp_path / "runs"
+    tok.mkdir()
+    data.mkdir()
+    write_hf_tokenizer("byte", tok, JINJA["chatml"], 1024)
+    for split in ("training", "validation", "test"):
+        (data / f"{split}.jsonl").write_text('{"input": "What is 2+3?", "output": "5"}\n')
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "smoke", "--cluster", "local-slurm", "--dry-run", "--runs-dir",
+                          str(runs), *NEMO, f"data.tokenizer={tok}", f"data.path={data}", "data.packing=false"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (run,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    res = subprocess.run([str(NEMO_PYTHON), str(ROOT / "tests" / "nemo_scripts" / "megatron_cpu.py"), str(run), str(free_port())],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    cfg = tiny()
+    assert got["numel"] == cfg.num_params(include_mtp=True)
+    assert got["num_layers"] == cfg.num_hidden_layers and got["mtp"] == cfg.num_nextn_predict_layers
+    assert got["moe_layer_freq"] == [int(cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)]
+    assert abs(got["loss"] - got["ln_vocab"]) < 0.3
+    assert got["no_grad"] == [] and got["zero_grad"] == [] and got["experts"] > 0 and got["router"] > 0
+
+
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = subprocess.run([str(NEMO_PYTHON), "-c", REQUEUE, str(port), sig], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert "EXIT 75 True 1" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+        return s.getsockname()[1]
