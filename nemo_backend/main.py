@@ -45,29 +45,42 @@ def write_config(run_dir: Path):
     return nemo
 
 
-def import_hf_checkpoint(run_dir: Path, nemo_recipe) -> None:
-    """checkpoint.load_format=hf: NeMo restores only NeMo checkpoints, so rank 0 imports the HF directory
-    into the run directory first (``llm.import_ckpt``; once: a requeued job finds it) and the other ranks
-    wait for it. GPU-only: NeMo's importer needs TransformerEngine (see README)."""
+def once(done: Path, work) -> None:
+    """Rank 0 runs ``work()`` unless ``done`` exists (a requeued job finds it), then writes ``done``; the other
+    ranks wait for it."""
     import time
 
-    from nemo.collections import llm
+    if int(os.environ.get("RANK", "0")) == 0 and not done.exists():
+        work()
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text("done\n")
+    while not done.exists():
+        time.sleep(5)
 
+
+def prepare_inputs(run_dir: Path, nemo_recipe) -> None:
+    """What NeMo reads that our inputs are not yet: an HF ``checkpoint.load`` is imported into the run directory
+    (``llm.import_ckpt``: NeMo restores only NeMo checkpoints; GPU-only, its importer needs TransformerEngine),
+    a pretraining token file gets its Megatron index (:mod:`nemo_backend.data`)."""
     from nemo_backend.recipe import imported_path
 
     recipe = load_yaml_into(Recipe, run_dir / "recipe.yaml")
-    if not recipe.checkpoint.load or recipe.checkpoint.load_format != "hf":
-        return
-    target, done = Path(imported_path(str(run_dir))), Path(imported_path(str(run_dir)) + ".done")
-    if int(os.environ.get("RANK", "0")) == 0 and not done.exists():
-        import fiddle as fdl
+    if recipe.checkpoint.load and recipe.checkpoint.load_format == "hf":
+        target = imported_path(str(run_dir))
 
-        model = fdl.build(nemo_recipe.model)
-        llm.import_ckpt(model=model, source="hf://" + str(Path(recipe.checkpoint.load).expanduser().resolve()),
-                        output_path=str(target), overwrite=True)
-        done.write_text("imported\n")
-    while not done.exists():
-        time.sleep(5)
+        def import_hf():
+            import fiddle as fdl
+            from nemo.collections import llm
+
+            llm.import_ckpt(model=fdl.build(nemo_recipe.model), output_path=target, overwrite=True,
+                            source="hf://" + str(Path(recipe.checkpoint.load).expanduser().resolve()))
+
+        once(Path(target + ".done"), import_hf)
+    if recipe.data.kind == "pretrain":
+        from nemo_backend.data import index_token_file, megatron_prefix
+
+        prefix = megatron_prefix(str(run_dir))
+        once(Path(prefix + ".done"), lambda: index_token_file(recipe.data.path, prefix))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         import nemo_run as run
 
         recipe = write_config(run_dir)
-        import_hf_checkpoint(run_dir, recipe)
+        prepare_inputs(run_dir, recipe)
         run.run(recipe, direct=True)  # NeMo's trainer in this process, under our torchrun
         return 0
 

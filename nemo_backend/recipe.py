@@ -90,6 +90,7 @@ def values(recipe: Recipe, plan: dict, run_dir: str) -> dict[str, Any]:
         "trainer.strategy.sequence_parallel": bool(lay["sp"]),
         "trainer.max_steps": t.max_steps,
         "trainer.val_check_interval": t.eval_interval or t.max_steps,
+        "trainer.limit_val_batches": 1.0 if t.eval_interval else 0,  # the whole validation split, or none
         "trainer.log_every_n_steps": t.log_interval,
         "trainer.plugins.precision": "bf16-mixed" if t.precision == "bf16" else "32",
         "optim.config.lr": t.lr, "optim.config.weight_decay": t.weight_decay, "optim.config.adam_beta1": t.adam_beta1,
@@ -111,12 +112,17 @@ def imported_path(run_dir: str) -> str:
     return f"{run_dir}/nemo/imported"
 
 
-def data_values(recipe: Recipe) -> dict[str, Any]:
-    """FineTuningDataModule's arguments for our SFT directory (or PreTrainingDataModule's for tokens)."""
+def data_values(recipe: Recipe, run_dir: str) -> dict[str, Any]:
+    """FineTuningDataModule's arguments for our SFT directory, or PreTrainingDataModule's for our token file
+    (indexed for Megatron in the run directory at job start: :mod:`nemo_backend.data`; all of it trains, as
+    in the native trainer: no validation split, no position reset at document ends)."""
     d, t = recipe.data, recipe.train
     common = {"seq_length": d.seq_length, "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size}
     if d.kind == "pretrain":
-        return {"paths": [d.path], **common, "seed": t.seed}
+        from nemo_backend.data import megatron_prefix
+
+        return {"paths": [megatron_prefix(run_dir)], **common, "seed": t.seed, "split": "100,0,0",
+                "index_mapping_dir": f"{run_dir}/nemo/data/index"}
     return {"dataset_root": d.path, **common, "seed": t.seed,
             "dataset_kwargs": {"prompt_template": PROMPT_TEMPLATES[d.template], "label_key": "output",
                                "answer_only_loss": d.answer_only_loss, "truncation_field": "input"}}
@@ -169,7 +175,7 @@ def build(recipe: Recipe, plan: dict, run_dir: str):
                                 seq_length=recipe.data.seq_length, packed_sequence=recipe.data.packing)
     tokenizer = run.Config(AutoTokenizer, pretrained_model_name=recipe.data.tokenizer)
     data_cls = llm.PreTrainingDataModule if recipe.data.kind == "pretrain" else llm.FineTuningDataModule
-    r.data = run.Config(data_cls, **data_values(recipe), tokenizer=tokenizer)
+    r.data = run.Config(data_cls, **data_values(recipe, run_dir), tokenizer=tokenizer)
     if not recipe.checkpoint.load:
         r.resume.restore_config = None  # from scratch (NeMo's recipes default to a hub checkpoint)
     for path, value in values(recipe, plan, run_dir).items():

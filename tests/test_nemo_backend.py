@@ -39,7 +39,7 @@ for run_dir, keys in json.loads(sys.argv[1]).items():
     r = write_config(Path(run_dir))
     got = {k: get_path(r, k) for k in keys}
     got["data"] = {k: getattr(r.data, k) for k in ("dataset_root", "paths", "seq_length", "micro_batch_size",
-                   "global_batch_size", "seed", "dataset_kwargs") if hasattr(r.data, k)}
+                   "global_batch_size", "seed", "dataset_kwargs", "split", "index_mapping_dir") if hasattr(r.data, k)}
     peft = getattr(r, "peft", None) if "peft" in r.__arguments__ else None
     got["peft"] = None if peft is None else {k: getattr(peft, k) for k in ("dim", "alpha", "dropout", "target_modules")}
     back = ZlibJSONSerializer().deserialize((Path(run_dir) / "nemo_recipe.json").read_text())
@@ -85,7 +85,7 @@ def test_nemo_recipe_has_our_values_field_by_field(built, name):
              and not (isinstance(v, float) and isinstance(got[k], (int, float)) and abs(got[k] - v) <= 1e-12 * max(abs(v), 1))}
     assert not wrong, wrong
     assert got["fn"] == ("pretrain" if recipe.data.kind == "pretrain" else "finetune")
-    data = data_values(recipe)
+    data = data_values(recipe, str(run))
     for k, v in data.items():
         assert got["data"][k] == v, k
     assert got["peft"] == peft_values(recipe)
@@ -220,3 +220,73 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PRETRAIN_DATA = """
+import json, sys
+import numpy as np
+from nemo_backend.data import index_token_file
+out = {}
+for name, token_file in json.loads(sys.argv[1]).items():
+    prefix = sys.argv[2] + "/" + name
+    out[name] = {"indexed": index_token_file(token_file, prefix)}
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    ds = IndexedDataset(prefix)
+    out[name]["docs"] = [ds[i].tolist() for i in range(len(ds))]
+    out[name]["dtype"] = np.dtype(ds.index.dtype).name
+# NeMo's PreTrainingDataModule (real: Megatron's GPTDataset builder) on the indexed file, as our job configures it
+from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
+from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+dm = PreTrainingDataModule(paths=[sys.argv[2] + "/uint16"], seq_length=16, micro_batch_size=2, global_batch_size=4,
+                           seed=1, split="100,0,0", index_mapping_dir=sys.argv[2] + "/index",
+                           tokenizer=AutoTokenizer(pretrained_model_name=sys.argv[3]), num_workers=0)
+dm.build(trainer_max_steps=3, trainer_val_check_interval=3, trainer_limit_val_batches=0, trainer_limit_test_batches=0)
+sample = dm._train_ds[0]
+out["sample"] = {"tokens": sample["tokens"].tolist(), "labels": sample["labels"].tolist(), "train_len": len(dm._train_ds)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_nemo_pretraining_reads_our_token_file_through_megatrons_index(tmp_path):
+    """A token file from `launch data tokens` (uint16, and uint32 as a big vocabulary writes it) indexed for
+    Megatron by the job (nemo_backend.data): Megatron's IndexedDataset reads back exactly our documents
+    (our FILE.idx offsets; or split after eos without it); NeMo's PreTrainingDataModule builds its GPTDataset on
+    it and its samples are our tokens with labels shifted by one."""
+    import numpy as np
+
+    from dataprep.token_file import index_path, open_tokens, read_document_offsets, read_sidecar, sidecar_path, sidecar_text
+    from trainer.chat import JINJA
+    from trainer.tokenizer import write_hf_tokenizer
+
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}: " + "lorem ipsum " * (i % 5 + 1)}) + "\n" for i in range(40)))
+    files = {"uint16": tmp_path / "uint16.bin"}
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "data", "tokens", str(text), "--out", str(files["uint16"]),
+                          "--tokenizer", "byte", "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    tokens, meta = open_tokens(files["uint16"])
+    offsets = read_document_offsets(files["uint16"])
+    docs = [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    # the same documents as uint32 without an offsets file: split after each eos
+    files["uint32"] = tmp_path / "uint32.bin"
+    np.asarray(tokens, dtype=np.uint32).tofile(files["uint32"])
+    sidecar_path(files["uint32"]).write_text(sidecar_text({**read_sidecar(files["uint16"]), "dtype": "uint32"}))
+    assert not index_path(files["uint32"]).exists()
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    write_hf_tokenizer("byte", tok, JINJA["chatml"], 1024)
+    res = subprocess.run([str(NEMO_PYTHON), "-c", PRETRAIN_DATA, json.dumps({k: str(v) for k, v in files.items()}),
+                          str(tmp_path / "nemo"), str(tok)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    for name in files:
+        assert got[name]["indexed"] == len(docs) == 40 and got[name]["docs"] == docs, name
+    assert got["uint16"]["dtype"] == "uint16" and got["uint32"]["dtype"] == "int32"
+    assert (tmp_path / "nemo" / "uint16.bin").resolve() == files["uint16"].resolve()  # linked, not copied
+    sample, stream = got["sample"], tokens.tolist()
+    assert sample["train_len"] >= 12 and len(sample["tokens"]) == 16 and sample["labels"][:-1] == sample["tokens"][1:]
+    assert all(t in set(stream) for t in sample["tokens"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("uint")) == [
+        "uint16.bin", "uint16.bin.idx", "uint16.bin.json", "uint32.bin", "uint32.bin.json"]  # the user's files untouched
+    assert meta["eos_id"] in stream
