@@ -1,7 +1,7 @@
 """The answer-evaluation job: ``python -m evaluation.main --run-dir JOB_RUN_DIR`` on every rank.
 
-For every example of the split (``task.yaml``, written by ``launch eval``): the prompt through the run's
-chat template, a greedy answer with the compressed cache, and its score against the reference. Writes,
+For every example of the split (``task.yaml``, written by ``launch eval``; a run's data, or for a Hugging
+Face directory the data directory the task names): the prompt through the chat template, a greedy answer with the compressed cache, and its score against the reference. Writes,
 into the task's output directory (``OUT.partial``, renamed when complete):
 
 - ``results.csv``: id, input, reference, prediction, exact_match, f1, prompt_tokens, answer_tokens,
@@ -38,16 +38,17 @@ def run(run_dir: Path) -> int:
     opened = open_model(task, layout, device)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     log = (lambda m: print(m, flush=True)) if rank0 else (lambda m: None)
-    recipe, tok = opened.recipe, opened.tokenizer
-    file = split_file(sft_directory(recipe.data), task.split)
+    tok = opened.tokenizer
+    data, micro_batch = eval_data(task, opened.recipe)
+    file = split_file(sft_directory(data), task.split)
     records = read_sft_records(file)[:task.limit] if task.limit else read_sft_records(file)
     log(f"moe-launch: eval: {len(records)} example(s) of {file}, model loaded in {time.perf_counter() - t0:.1f} s")
 
     # teacher-forced loss on the same examples (every rank takes part: expert parallelism needs all of them)
     samples = [render_chat(opened.template, i, o, tok) for i, o, _ in records]
     pad = next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
-    dataset = SFTDataset(samples, recipe.data.seq_length, pad, recipe.data.answer_only_loss, recipe.data.packing)
-    loss = split_loss(opened.model, dataset, recipe.train.micro_batch_size, device, opened.dp_rank, opened.dp_size, opened.dp_group)
+    dataset = SFTDataset(samples, data.seq_length, pad, data.answer_only_loss, data.packing)
+    loss = split_loss(opened.model, dataset, micro_batch, device, opened.dp_rank, opened.dp_size, opened.dp_group)
 
     t_gen = time.perf_counter()
     mine = {i: encode_prompt(opened, r[0]) for i, r in enumerate(records) if i % opened.dp_size == opened.dp_rank}
@@ -93,6 +94,17 @@ def run(run_dir: Path) -> int:
         f"loss {summary['loss']:.4f} (perplexity {summary['perplexity']:.2f}); {generated:,} tokens in {gen_seconds:.1f} s "
         f"-> {out}/results.csv, summary.json")
     return 0
+
+
+def eval_data(task, recipe):
+    """(the data section, micro batch of the loss): the run's; for a Hugging Face directory, the task's data
+    directory with answer-only loss, unpacked, at the task's sequence length."""
+    if recipe is not None:
+        return recipe.data, recipe.train.micro_batch_size
+    from launcher.recipe import Data
+
+    return Data(kind="sft", path=task.data, template=task.template, answer_only_loss=True, seq_length=task.seq_length,
+                packing=False, tokenizer=task.source), task.batch_size
 
 
 def _cell(value) -> str:

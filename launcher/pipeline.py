@@ -36,6 +36,7 @@ class Stage:
     args: List[str] = field(default_factory=list)  # ... with the command's arguments (the run first)
     gpus: int = 0  # GPUs a command stage asks for (cuda profiles)
     time: Optional[str] = None  # a command stage's time limit (default: the profile's)
+    container_image: Optional[str] = None  # a command stage's container (default: the profile's), e.g. NeMo's
 
 
 @dataclass
@@ -73,6 +74,9 @@ def check(p: Pipeline, where: str) -> None:
             raise UserError("command must be a non-empty list of strings (argv)", f"{at}.command")
         if s.gpus < 0:
             raise UserError(f"must be >= 0, got {s.gpus}", f"{at}.gpus")
+        if s.container_image is not None and s.command is None:
+            raise UserError("container_image is for command stages; a training stage takes backend.container_image "
+                            "as an override, a task stage runs where its run's backend runs", f"{at}.container_image")
 
 
 def placeholders(text: str, values: dict[str, str], field_name: str) -> str:

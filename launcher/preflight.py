@@ -163,14 +163,20 @@ def _recipe_problems(recipe: Recipe, profile: ClusterProfile, produced: tuple[st
         bad = [t for t in recipe.peft.targets if t not in valid]
         if bad or not recipe.peft.targets:
             out.append(Problem("error", "peft.targets", f"{_fmt(bad) if bad else 'empty'}: not in model {recipe.model.name}; valid: {_fmt(valid)}"))
+    if recipe.backend.name == "native" and recipe.checkpoint.load and recipe.checkpoint.load_format == "nemo":
+        out.append(Problem("error", "checkpoint.load_format", "nemo: the native trainer reads Hugging Face directories (hf) "
+                                                              "and its own checkpoints (dcp); export the NeMo run first (launch export RUN)"))
     if recipe.backend.name == "nemo":
         from nemo_backend.recipe import unsupported  # torch- and NeMo-free: the mapping's own rules
 
-        out += [Problem("error", f, why) for f, why in unsupported(recipe)]
-        if profile.executor == "local":
-            out.append(Problem("error", "backend.name", "the nemo backend runs in NVIDIA's NeMo container on Slurm; use backend.name=native with the local cluster", fit=True))
-        elif not (recipe.backend.container_image or profile.container.image):
-            out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09", fit=True))
+        if profile.device != "cuda":  # then the rest of what nemo would need is beside the point
+            out.append(Problem("error", "backend.name", f"the nemo backend trains on GPUs only (NeMo's trainer needs a GPU "
+                                                        f"accelerator); cluster {profile.name} has device {profile.device}: "
+                                                        "use backend.name=native", fit=True))
+        else:
+            out += [Problem("error", f, why) for f, why in unsupported(recipe)]
+            if profile.executor == "slurm" and not (recipe.backend.container_image or profile.container.image):
+                out.append(Problem("error", "backend.container_image", f"the nemo backend needs a container image; set it here or in cluster {profile.name} (container.image), e.g. nvcr.io/nvidia/nemo:25.09", fit=True))
     if recipe.train.eval_interval and recipe.data.kind != "sft":
         out.append(Problem("error", "train.eval_interval", "validation during training needs SFT data with a validation "
                                                            "split (data.kind=sft); set train.eval_interval=0"))

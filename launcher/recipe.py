@@ -67,7 +67,7 @@ class Train:
 @dataclass
 class Checkpoint:
     load: Optional[str] = None  # weights to start from; None: fresh init
-    load_format: str = "hf"  # hf (safetensors directory) | dcp (a moe-launch checkpoint)
+    load_format: str = "hf"  # hf (safetensors directory) | dcp (a moe-launch checkpoint) | nemo (a NeMo checkpoint)
     save_dir: Optional[str] = None  # None: <run dir>/checkpoints
     interval: int = 1000  # steps between checkpoints
     keep: int = 2  # newest checkpoints kept
@@ -118,7 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.template": ("chatml", "plain", "raw"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.precision": ("bf16", "fp32"),
-    "checkpoint.load_format": ("hf", "dcp"),
+    "checkpoint.load_format": ("hf", "dcp", "nemo"),
     "peft.method": ("none", "lora"),
     "backend.name": ("native", "nemo"),
     "model.scoring_func": ("sigmoid", "softmax"),

@@ -88,10 +88,20 @@ class RenderInput:
     what: str = "recipe"  # the script's first line: "moe-launch job: <what> <job_name> on cluster ..."
 
 
+def python_on_nodes(profile: ClusterProfile, image: str | None) -> str:
+    """The interpreter a job runs: the profile's; else, on Slurm, a container's own ``python``; else this one (the
+    local executor runs where ``launch`` runs, e.g. inside NeMo's container)."""
+    if profile.python:
+        return profile.python
+    return "python" if image and profile.executor == "slurm" else sys.executable
+
+
 def container_mounts(profile: ClusterProfile, run_dir: str) -> list[str]:
-    """pyxis mounts of a container job: the run directory at its own path (the job's inputs, outputs and
-    the snapshot of moe-launch's code under ``code/``), then the profile's."""
-    return [f"{run_dir}:{run_dir}", *profile.container.mounts]
+    """pyxis mounts of a container job: the runs directory holding its run directory, at its own path (the job's
+    inputs, outputs and the snapshot of moe-launch's code under ``code/``; the earlier stages of a pipeline and
+    the run an export or eval reads live there too), then the profile's."""
+    runs = os.path.dirname(os.path.abspath(run_dir))
+    return [f"{runs}:{runs}", *profile.container.mounts]
 
 
 def render(inp: RenderInput) -> str:
@@ -107,7 +117,7 @@ def render(inp: RenderInput) -> str:
         slurm=inp.profile.slurm,
         layout=inp.layout,
         run_dir=inp.run_dir,
-        python=inp.python or inp.profile.python or ("python" if image else sys.executable),
+        python=inp.python or python_on_nodes(inp.profile, image),
         image=image,
         mounts=container_mounts(inp.profile, inp.run_dir),
         entry_module=inp.entry_module or ENTRY_MODULES[inp.recipe.backend.name],

@@ -53,11 +53,20 @@ def check_save_dir(save_dir: Path, current: dict) -> Path | None:
 
 # ------------------------------------------------------------------------------- the checkpoints of a run
 def checkpoint_dir(run: Path, recipe) -> Path:
+    if recipe.backend.name == "nemo":
+        from nemo_backend import checkpoints
+
+        return checkpoints.checkpoint_dir(run, recipe.name)
     return Path(os.path.expanduser(recipe.checkpoint.save_dir)) if recipe.checkpoint.save_dir else run / "checkpoints"
 
 
 def complete_checkpoints(run: Path, recipe) -> dict[int, Path]:
-    """step -> directory of every complete checkpoint of the run (``step-N`` with its trainer.json)."""
+    """step -> directory of every complete checkpoint of the run (``step-N`` with its trainer.json; a nemo
+    run's: NeMo's own, see nemo_backend.checkpoints)."""
+    if recipe.backend.name == "nemo":
+        from nemo_backend import checkpoints
+
+        return checkpoints.complete_checkpoints(run, recipe.name)
     save_dir = checkpoint_dir(run, recipe)
     if not save_dir.is_dir():
         return {}

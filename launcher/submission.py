@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import shlex
 import shutil
 import sys
@@ -23,7 +24,7 @@ from launcher.pipeline import Pipeline, Stage, placeholders
 from launcher.plan import plan_dict, summary
 from launcher.preflight import Preflight, run_preflight
 from launcher.recipe import Recipe, fingerprint
-from launcher.render import RenderInput, Shell, container_mounts, environment, render
+from launcher.render import RenderInput, Shell, container_mounts, environment, python_on_nodes, render
 
 
 @dataclass
@@ -117,11 +118,17 @@ def plan_runs(runs: list[Run], profile: ClusterProfile, root: Path, memory_check
 
             where = f"{run.recipe_path}: stage {st.name}.args"
             args = tasks.parser(st.task, stage=where).parse_args([placeholders(a, values, where) for a in st.args])
-            pending = {str(r.run_dir): r.recipe for r in runs[:runs.index(run)] if r.recipe is not None}
+            pending = {}  # what the stages before this one will have made
+            for r in runs[:runs.index(run)]:
+                if r.recipe is not None:
+                    pending[os.path.abspath(r.run_dir)] = tasks.Source(r.run_dir, "run", r.recipe, pending=True)
+                elif r.prepared is not None and r.prepared.task.kind == "export" and r.prepared.task.out:
+                    pending[r.prepared.task.out] = tasks.Source(Path(r.prepared.task.out), "hf", r.prepared.recipe, pending=True)
             run.prepared = tasks.prepare(st.task, args, profile, root, pending)
         else:
             # a copy: the pipeline object is planned again if a run directory name was taken meanwhile
-            run.stage = dataclasses.replace(st, command=[placeholders(a, values, f"{run.recipe_path}: stage {st.name}.command")
+            own = {**values, "python": python_on_nodes(profile, st.container_image or profile.container.image)}
+            run.stage = dataclasses.replace(st, command=[placeholders(a, own, f"{run.recipe_path}: stage {st.name}.command")
                                                          for a in st.command])
     return failed
 
@@ -160,7 +167,7 @@ def prepare_launch(target, overrides: list[str], sweeps: list[str], profile: Clu
     pipeline = isinstance(target_obj, Pipeline)
     if pipeline and sweeps:
         raise UserError("--sweep applies to a recipe, not to a pipeline", "--sweep")
-    python = profile.python or ("python" if profile.container.image else sys.executable)
+    python = python_on_nodes(profile, profile.container.image)
     for _ in range(100):
         runs = (runs_for_pipeline(target_obj, target_path, overrides) if pipeline
                 else runs_for_recipe(target if isinstance(target, Recipe) else target, overrides, sweeps))
@@ -169,7 +176,7 @@ def prepare_launch(target, overrides: list[str], sweeps: list[str], profile: Clu
             return Launch(runs, failed, pipeline)
         if not dry_run and can_run is not None:
             can_run(profile, any(r.recipe is not None for r in runs))
-        render_runs(runs, profile, argv, dry_run, python)
+        render_runs(runs, profile, argv, dry_run)
         # a sweep on Slurm is one job array (its script in a directory of its own, written with the runs)
         array = render_array(runs, profile, root) if sweeps and len(runs) > 1 and profile.executor == "slurm" else None
         try:
@@ -189,7 +196,7 @@ def prepare_launch(target, overrides: list[str], sweeps: list[str], profile: Clu
     raise UserError(f"could not pick free run directory names under {root}", "runs dir")
 
 
-def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_run: bool, python: str) -> None:
+def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_run: bool) -> None:
     for run in runs:
         meta = {**provenance.metadata(argv, run.recipe_path, dry_run), **run.meta_extra}
         if run.recipe is not None:
@@ -202,24 +209,38 @@ def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_r
         elif run.prepared is not None:
             from launcher import tasks
 
-            run.script_name, run.files = tasks.render_job(run.prepared, profile, run.run_dir, argv, dry_run, python,
+            run.script_name, run.files = tasks.render_job(run.prepared, profile, run.run_dir, argv, dry_run,
+                                                          python_on_nodes(profile, image_of(run, profile)),
                                                           job_name=run.label, meta_extra=run.meta_extra)
             run.lines = [f"stage    {run.stage.name}: {run.stage.task} {' '.join(run.stage.args)}", *run.prepared.lines]
         else:
             st = run.stage
             run.script_name = "command.sbatch" if profile.executor == "slurm" else "command.sh"
-            script = render_command(st, run.label, profile, str(run.run_dir), python)
+            script = render_command(st, run.label, profile, str(run.run_dir), python_on_nodes(profile, image_of(run, profile)))
             plan = {"cluster": profile.name, "stage": st.name, "command": st.command}
             run.files = {run.script_name: script, "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan),
                          "meta.yaml": rundir.dump(meta)}
             run.lines = [f"stage    {st.name}: {shlex.join(st.command)}"]
-        image = (run.recipe.backend.container_image if run.recipe is not None else None) or profile.container.image
-        if image and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
+        if image_of(run, profile) and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
             run.files.update(provenance.code_snapshot())
 
 
+def image_of(run: Run, profile: ClusterProfile) -> str | None:
+    """The container a run's job runs in: a training run's backend image, a nemo run's export (NeMo's exporter, in
+    the run's image), a command stage's own; else the profile's."""
+    if run.recipe is not None:
+        own = run.recipe.backend.container_image
+    elif run.prepared is not None:
+        from launcher import tasks
+
+        own = run.prepared.recipe.backend.container_image if tasks.uses_nemo(run.prepared) else None
+    else:
+        own = run.stage.container_image if run.stage is not None else None
+    return own or profile.container.image
+
+
 def render_command(st: Stage, job_name: str, profile: ClusterProfile, run_dir: str, python: str) -> str:
-    image = profile.container.image
+    image = st.container_image or profile.container.image
     slurm = profile.slurm if profile.executor == "slurm" else None
     if slurm is not None:
         check_slurm_fields(profile, f"cluster {profile.name}: ")
@@ -366,12 +387,16 @@ def resume_run(run_dir: Path, overrides: list[str], profile: ClusterProfile | No
     if not pre.ok:
         raise UserError(f"cannot resume {run_dir.name} on {profile.describe()}: " + "; ".join(map(str, pre.errors)), "RUN")
     save_dir = resume.checkpoint_dir(run_dir, recipe)
-    try:
-        found = resume.check_save_dir(save_dir, {"fingerprint": fingerprint(recipe), "layout": pre.layout.dims()})
-    except resume.ResumeRefused as exc:
-        raise UserError(f"cannot resume from {resume.latest(save_dir)}: {exc}", "RUN") from None
+    if recipe.backend.name == "nemo":  # NeMo's checkpoints: NeMo checks what it restores
+        steps = resume.complete_checkpoints(run_dir, recipe)
+        found = steps[max(steps)] if steps else None
+    else:
+        try:
+            found = resume.check_save_dir(save_dir, {"fingerprint": fingerprint(recipe), "layout": pre.layout.dims()})
+        except resume.ResumeRefused as exc:
+            raise UserError(f"cannot resume from {resume.latest(save_dir)}: {exc}", "RUN") from None
     run = Run(run_dir.name.split("-", 2)[-1], recipe.name, recipe, run_dir / "recipe.yaml", overrides=overrides, pre=pre, run_dir=run_dir)
-    python = profile.python or ("python" if profile.container.image else sys.executable)
+    python = python_on_nodes(profile, recipe.backend.container_image or profile.container.image)
     plan = plan_dict(recipe, profile, pre)
     run.script_name = "job.sbatch" if profile.executor == "slurm" else "job.sh"
     run.files = {run.script_name: render(RenderInput(recipe, profile, pre.layout, str(run_dir), python=python)),

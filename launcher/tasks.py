@@ -27,6 +27,7 @@ from launcher.rundir import load_run_recipe
 TASK_FILE = "task.yaml"
 PROMPTS_FILE = "prompts.jsonl"  # generate: the prompts, copied into the job's run directory
 ENTRY_MODULES = {"export": "export.main", "generate": "generation.main", "eval": "evaluation.main"}
+NEMO_EXPORT_MODULE = "nemo_backend.export"  # a nemo run's export: NeMo's exporter, in the run's container
 FORMATS = ("hf", "merged", "peft")
 DTYPES = ("bf16", "fp32")
 # PEFT (0.21, with transformers v5) rewrites any target named gate_proj/up_proj/down_proj of a DeepSeek-V3
@@ -58,6 +59,8 @@ class Task:
     batch_size: int = 8  # prompts per rank decoded together
     split: str = "test"
     limit: Optional[int] = None  # eval: the first N examples only
+    data: Optional[str] = None  # eval of a Hugging Face directory: the SFT data directory (a run's: its recipe's)
+    seq_length: Optional[int] = None  # eval of a Hugging Face directory: tokens per example for the loss
 
 
 def load_task(run_dir: Path) -> Task:
@@ -185,6 +188,11 @@ def export_template(hf_dir: Path) -> str | None:
     return None
 
 
+def uses_nemo(prepared: "Prepared") -> bool:
+    """A nemo run's export: NeMo's exporter, in the run's container."""
+    return prepared.task.kind == "export" and prepared.recipe is not None and prepared.recipe.backend.name == "nemo"
+
+
 def job_label(prepared: "Prepared") -> str:
     t = prepared.task
     return f"{t.kind}-{prepared.recipe.name if prepared.recipe is not None else Path(t.source).name}"
@@ -199,14 +207,19 @@ def render_job(prepared: "Prepared", profile, run_dir: Path, argv: list[str], dr
     task, layout = prepared.task, prepared.layout
     label = job_name or job_label(prepared)
     script_name = "job.sbatch" if profile.executor == "slurm" else "job.sh"
+    nemo = uses_nemo(prepared)
     script = render(RenderInput(prepared.recipe or Recipe(name=label), profile, layout, str(run_dir), python=python,
-                                entry_module=ENTRY_MODULES[task.kind], job_name=label,
+                                entry_module=NEMO_EXPORT_MODULE if nemo else ENTRY_MODULES[task.kind], job_name=label,
                                 what={"export": "export", "generate": "generation", "eval": "evaluation"}[task.kind]))
     plan = {"cluster": profile.name, "task": task.kind, "source": task.source, "layout": layout.dims(),
             "nodes": layout.nodes, "processes_per_node": layout.gpus_per_node}
     meta = {**provenance.metadata(argv, Path(task.source), dry_run), "task": {"kind": task.kind, "source": task.source}, **(meta_extra or {})}
-    return script_name, {script_name: script, TASK_FILE: config_io.to_yaml(task), "cluster.yaml": config_io.to_yaml(profile),
-                         "plan.yaml": rundir.dump(plan), "meta.yaml": rundir.dump(meta), **prepared.files}
+    files = {script_name: script, TASK_FILE: config_io.to_yaml(task), "cluster.yaml": config_io.to_yaml(profile),
+             "plan.yaml": rundir.dump(plan), "meta.yaml": rundir.dump(meta), **prepared.files}
+    image = (prepared.recipe.backend.container_image if nemo else None) or profile.container.image
+    if image and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
+        files.update(provenance.code_snapshot())
+    return script_name, files
 
 
 def write_job(prepared: "Prepared", profile, root: Path, argv: list[str], dry_run: bool):
@@ -241,10 +254,10 @@ def parser(kind: str, stage: str | None = None):
                   "layout: the full model (hf), LoRA merged into it (merged) or a PEFT adapter (peft).",
         "generate": "Generate answers with a run's checkpoint or a Hugging Face directory, with MLA's compressed KV cache, "
                     "on the cluster (TP/EP across processes when the model needs them).",
-        "eval": "Answer every example of a data split with a run's checkpoint and score it: results.csv (one row per "
-                "example, exact match and token F1, metadata carried over) and summary.json."}[kind])
-    p.add_argument("source", metavar="RUN" if kind != "generate" else "RUN|HF_DIR",
-                   help=run_help + (", or a Hugging Face model directory" if kind == "generate" else ""))
+        "eval": "Answer every example of a data split with a run's checkpoint (or a Hugging Face directory, with --data) and "
+                "score it: results.csv (one row per example, exact match and token F1, metadata carried over) and summary.json."}[kind])
+    p.add_argument("source", metavar="RUN" if kind == "export" else "RUN|HF_DIR",
+                   help=run_help + (", or a Hugging Face model directory" if kind != "export" else ""))
     if stage:
         def error(message: str):
             raise UserError(message, stage)
@@ -271,6 +284,11 @@ def parser(kind: str, stage: str | None = None):
         p.add_argument("--out", help="write the generations here (JSONL; default: the job's run directory)")
     else:
         p.add_argument("--split", default="test", help="training | validation | test (default test)")
+        p.add_argument("--data", help="a Hugging Face directory's SFT data directory (training/validation/test.jsonl)")
+        p.add_argument("--template", choices=("chatml", "plain", "raw"),
+                       help="prompt template (default: the run's, or the export's moe_launch_export.json)")
+        p.add_argument("--seq-length", type=int, help="a Hugging Face directory's tokens per example for the loss "
+                                                       "(default: its positions, at most 4096)")
         p.add_argument("--limit", type=int, help="evaluate the first N examples only")
         p.add_argument("--out", help="results directory (default: RUN/eval/<split>-step-<N>)")
     batch = 8 if kind == "generate" else 16
@@ -293,15 +311,20 @@ class Source:
     pending: bool = False  # the run does not exist yet: its checkpoint and default output are found at job start
 
 
-def source_of(spec: str, root: Path, allow_hf: bool, pending: dict[str, Recipe] | None = None) -> Source:
-    if pending and spec in pending:
-        src = Source(Path(spec), "run", pending[spec], pending=True)
+def source_of(spec: str, root: Path, allow_hf: bool, pending: dict[str, Source] | None = None, nemo_ok: bool = False) -> Source:
+    """``pending``: what earlier stages of a pipeline will have made, by path (training runs; export directories,
+    kind hf, with the recipe of the run they export)."""
+    key = os.path.abspath(os.path.expanduser(spec)).rstrip("/")
+    if pending and key in pending and (allow_hf or pending[key].kind == "run"):
+        src = pending[key]
+    elif pending and key in pending:
+        raise UserError(f"{spec!r} is an earlier stage's Hugging Face export, not a training run", "RUN")
     else:
         path, kind = resolve_source(spec, root, allow_hf)
         src = Source(path, kind, load_run_recipe(path) if kind == "run" else None)
-    if src.recipe is not None and src.recipe.backend.name != "native":
-        raise UserError(f"run {src.path.name} trained with the {src.recipe.backend.name} backend: its checkpoints are "
-                        f"{src.recipe.backend.name}'s own format, which export, generate and eval do not read", "RUN")
+    if src.kind == "run" and src.recipe.backend.name != "native" and not (nemo_ok and src.recipe.backend.name == "nemo"):
+        raise UserError(f"run {src.path.name} trained with the {src.recipe.backend.name} backend: its checkpoints are NeMo's "
+                        "own format; export it (launch export RUN), then give the export's directory here", "RUN")
     return src
 
 
@@ -365,15 +388,21 @@ class Prepared:
     files: dict[str, str]
 
 
-def prepare(kind: str, args, profile, root: Path, pending: dict[str, Recipe] | None = None) -> Prepared:
+def prepare(kind: str, args, profile, root: Path, pending: dict[str, Source] | None = None) -> Prepared:
     return {"export": prepare_export, "generate": prepare_generate, "eval": prepare_eval}[kind](args, profile, root, pending)
 
 
 def prepare_export(args, profile, root: Path, pending=None) -> Prepared:
-    src = source_of(args.source, root, False, pending)
+    src = source_of(args.source, root, False, pending, nemo_ok=True)
     recipe, run = src.recipe, src.path
     fmt = args.format or ("merged" if recipe.peft.method == "lora" else "hf")
     check_export_format(run, recipe, fmt)
+    nemo = recipe.backend.name == "nemo"
+    if nemo and fmt == "peft":
+        raise UserError(f"run {run.name} trained LoRA with NeMo, which has no PEFT export for DeepSeek; use --format merged",
+                        "--format")
+    if nemo and args.nodes != 1:
+        raise UserError("a NeMo run's export is one process (NeMo's exporter); leave --nodes at 1", "--nodes")
     from model.hf_config import hf_model_type
 
     try:
@@ -389,8 +418,15 @@ def prepare_export(args, profile, root: Path, pending=None) -> Prepared:
         raise UserError(f"{out} already exists; an export never overwrites: choose another --out", "--out")
     task.out = str(out) if out else None
     lines = [f"export   run {run.name} {_step_text(task)} ({recipe.model.name}, {'LoRA' if recipe.peft.method == 'lora' else 'full'}) "
-             f"-> {out or f'{run}/export/{fmt}-step-<N>'}", f"format   {fmt}, {args.dtype}, shards of at most {task.max_shard_bytes / 1e9:g} GB",
-             f"job      {args.nodes} node(s) x {profile.gpus_per_node} process(es) on {profile.name}, each writing its share of the shards"]
+             f"-> {out or f'{run}/export/{fmt}-step-<N>'}", f"format   {fmt}, {args.dtype}, shards of at most {task.max_shard_bytes / 1e9:g} GB"]
+    if nemo:
+        from launcher.layout import Layout
+
+        lines.append(f"job      NeMo's exporter in one process on {profile.name} ({'LoRA merged first, ' if fmt == 'merged' else ''}"
+                     "its .bin rewritten as safetensors shards, our config, tokenizer and chat template)")
+        layout = Layout(tp=1, pp=1, vpp=1, cp=1, ep=1, etp=1, dp=1, sp=False, nodes=1, gpus_per_node=1)
+        return Prepared(task, layout, lines, recipe, {})
+    lines.append(f"job      {args.nodes} node(s) x {profile.gpus_per_node} process(es) on {profile.name}, each writing its share of the shards")
     return Prepared(task, _job_layout(profile, args.nodes), lines, recipe, {})
 
 
@@ -458,21 +494,19 @@ def prepare_generate(args, profile, root: Path, pending=None) -> Prepared:
 
 
 def prepare_eval(args, profile, root: Path, pending=None) -> Prepared:
-    src = source_of(args.source, root, False, pending)
+    src = source_of(args.source, root, True, pending)
     recipe, run = src.recipe, src.path
+    if src.kind == "hf":
+        return _prepare_eval_hf(args, profile, src)
+    if args.data is not None or args.seq_length is not None:
+        raise UserError("a run is evaluated on its own data (data.path of its recipe); --data and --seq-length are for a "
+                        "Hugging Face directory", "--data" if args.data is not None else "--seq-length")
     if recipe.data.kind != "sft":
         raise UserError(f"run {run.name} trained on {recipe.data.kind} data; answer evaluation needs SFT data "
                         "(input/output pairs)", "RUN")
-    if args.split not in ("training", "validation", "test"):
-        raise UserError(f"{args.split!r} is not a split; use training, validation or test", "--split")
-    if recipe.data.path is not None:
-        data = Path(os.path.expanduser(recipe.data.path))
-        if data.is_dir() and not (data / f"{args.split}.jsonl").is_file():
-            raise UserError(f"the run's data has no {args.split}.jsonl in {recipe.data.path}", "--split")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"must be >= 1, got {args.limit}", "--limit")
+    _check_split(args, recipe.data.path)
     task = Task(kind="eval", source=str(run), split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, template=recipe.data.template, dtype=_serving_dtype(profile, recipe))
+                batch_size=args.batch_size, template=args.template or recipe.data.template, dtype=_serving_dtype(profile, recipe))
     _checkpoint(task, src, args.step)
     out = _out(args.out)
     if out is not None:
@@ -485,3 +519,57 @@ def prepare_eval(args, profile, root: Path, pending=None) -> Prepared:
              f"{f' (first {args.limit})' if args.limit else ''}: greedy answers, exact match and token F1, loss",
              f"layout   {how}", f"results  {out or f'{run}/eval/{args.split}-step-<N>'}/results.csv, summary.json"]
     return Prepared(task, layout, lines, recipe, {})
+
+
+def _check_split(args, data_path: str | None) -> None:
+    if args.split not in ("training", "validation", "test"):
+        raise UserError(f"{args.split!r} is not a split; use training, validation or test", "--split")
+    if data_path is not None:
+        data = Path(os.path.expanduser(data_path))
+        if data.is_dir() and not (data / f"{args.split}.jsonl").is_file():
+            raise UserError(f"the data has no {args.split}.jsonl in {data_path}", "--split")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"must be >= 1, got {args.limit}", "--limit")
+
+
+def _prepare_eval_hf(args, profile, src: Source) -> Prepared:
+    """Eval of a Hugging Face directory (a base model, or an export: a pipeline's stage before it, a NeMo run's)
+    on an SFT data directory: the same job, with the data, template and sequence length given here."""
+    from model.hf_config import load_config
+
+    if args.step is not None:
+        raise UserError("a Hugging Face directory has no checkpoint steps", "--step")
+    if args.data is None:
+        raise UserError(f"{src.path} is a Hugging Face directory: give the SFT data to evaluate on with --data DIR "
+                        "(training/validation/test.jsonl)", "--data")
+    data = Path(os.path.expanduser(args.data)).absolute()
+    if not data.is_dir() and not src.pending:
+        raise UserError(f"{args.data} is not a directory (expected training/validation/test.jsonl)", "--data")
+    _check_split(args, str(data))
+    if src.pending:  # an earlier stage's export: the model of the run it exports
+        cfg, exported = src.recipe.model, src.recipe.data.template if src.recipe.data.kind == "sft" else None
+    else:
+        try:
+            cfg = load_config(src.path)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"config.json is not a DeepSeek-V3-family config: {exc}", str(src.path)) from None
+        exported = export_template(src.path)
+    template = args.template or exported
+    if template is None:
+        raise UserError(f"{src.path} does not say its chat template (no moe_launch_export.json); give --template "
+                        "chatml, plain or raw", "--template")
+    seq = args.seq_length or min(cfg.max_position_embeddings, 4096)
+    if not 2 <= seq <= cfg.max_position_embeddings:
+        raise UserError(f"must be between 2 and the model's {cfg.max_position_embeddings} positions, got {seq}", "--seq-length")
+    out = _out(args.out)
+    if out is None:
+        raise UserError("evaluating a Hugging Face directory needs --out DIR for the results (the model's directory is "
+                        "not written to)", "--out")
+    task = Task(kind="eval", source=str(src.path), source_kind="hf", split=args.split, limit=args.limit, data=str(data),
+                seq_length=seq, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=template,
+                dtype="bf16" if profile.device == "cuda" else "fp32", out=str(new_output_dir(out, True, "eval")))
+    layout, how = _inference_common(args, profile, cfg, seq, task)
+    lines = [f"eval     {src.path} ({cfg.name}) on the {args.split} split of {data}{f' (first {args.limit})' if args.limit else ''}: "
+             f"template {template}, greedy answers, exact match and token F1, loss", f"layout   {how}",
+             f"results  {task.out}/results.csv, summary.json"]
+    return Prepared(task, layout, lines, None, {})

@@ -177,8 +177,6 @@ def load_hf_weights(model: nn.Module, path: str | Path, strict: bool = True, ign
 @torch.no_grad()
 def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = None) -> None:
     """Write config.json, safetensors shards (hub key names, experts one by one) and the index."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     cfg: ModelConfig = model.cfg
     config = config_to_hf(cfg)  # first: a routing transformers cannot express is refused before any shard is written
@@ -193,24 +191,37 @@ def save_hf(model: nn.Module, path: str | Path, max_shard_bytes: int = 2 * 1024*
         tensors[key] = v.contiguous().cpu()
     for copy, original in mtp_shared_copies(cfg).items():  # the hub layout repeats the shared tensors per MTP module
         tensors[copy] = tensors[original].clone()
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    write_safetensors_shards(tensors, path, max_shard_bytes)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_safetensors_shards(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int, convert=None) -> None:
+    """Hub-keyed tensors -> ``model-XXXXX-of-YYYYY.safetensors`` in hub order, at most ``max_shard_bytes`` each
+    (a bigger tensor alone; sizes as written), and ``model.safetensors.index.json``. ``convert(key, tensor)``
+    (e.g. a dtype cast) and contiguity are applied shard by shard, so memory-mapped inputs stay on disk."""
+    from safetensors.torch import save_file
+
+    convert = convert or (lambda key, t: t)
+    sizes = {k: convert(k, t[:0] if t.dim() else t).element_size() * t.numel() for k, t in tensors.items()}
+
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors, key=hub_order):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
+        nbytes = sizes[key]
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensors[key]
+        shards[-1].append(key)
         size += nbytes
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
+    for i, keys in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        for key, t in shard.items():
+        save_file({k: convert(k, tensors[k]).contiguous() for k in keys}, str(Path(path) / name), metadata={"format": "pt"})
+        for key in keys:
             weight_map[key] = name
-            total += t.numel() * t.element_size()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+            total += sizes[key]
+    (Path(path) / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def hub_order(key: str):

@@ -58,24 +58,19 @@ def once(done: Path, work) -> None:
         time.sleep(5)
 
 
-def prepare_inputs(run_dir: Path, nemo_recipe) -> None:
+def prepare_inputs(run_dir: Path) -> None:
     """What NeMo reads that our inputs are not yet: an HF ``checkpoint.load`` is imported into the run directory
-    (``llm.import_ckpt``: NeMo restores only NeMo checkpoints; GPU-only, its importer needs TransformerEngine),
+    (:mod:`nemo_backend.hf_import`: NeMo restores only NeMo checkpoints; GPU-only, its importer needs TransformerEngine),
     a pretraining token file gets its Megatron index (:mod:`nemo_backend.data`)."""
     from nemo_backend.recipe import imported_path
 
     recipe = load_yaml_into(Recipe, run_dir / "recipe.yaml")
     if recipe.checkpoint.load and recipe.checkpoint.load_format == "hf":
-        target = imported_path(str(run_dir))
+        from nemo_backend.hf_import import import_checkpoint
 
-        def import_hf():
-            import fiddle as fdl
-            from nemo.collections import llm
-
-            llm.import_ckpt(model=fdl.build(nemo_recipe.model), output_path=target, overwrite=True,
-                            source="hf://" + str(Path(recipe.checkpoint.load).expanduser().resolve()))
-
-        once(Path(target + ".done"), import_hf)
+        target = Path(imported_path(str(run_dir)))
+        once(target.with_name(target.name + ".done"),
+             lambda: target.exists() or import_checkpoint(Path(recipe.checkpoint.load), target))
     if recipe.data.kind == "pretrain":
         from nemo_backend.data import index_token_file, megatron_prefix
 
@@ -104,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         import nemo_run as run
 
         recipe = write_config(run_dir)
-        prepare_inputs(run_dir, recipe)
+        prepare_inputs(run_dir)
         run.run(recipe, direct=True)  # NeMo's trainer in this process, under our torchrun
         return 0
 

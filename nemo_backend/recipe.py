@@ -17,6 +17,7 @@ from typing import Any
 
 from launcher.recipe import Recipe
 from model.config import ModelConfig
+from nemo_backend.checkpoints import FILENAME as CHECKPOINT_FILENAME
 
 # Our LoRA target names -> NeMo's (Megatron's MLA linears). NeMo's DeepSeek LoRA adapts attention only.
 LORA_TARGETS = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_b_proj": "linear_q_up_proj",
@@ -99,6 +100,8 @@ def values(recipe: Recipe, plan: dict, run_dir: str) -> dict[str, Any]:
         "optim.lr_scheduler.warmup_steps": t.warmup_steps, "optim.lr_scheduler.min_lr": t.min_lr,
         "log.log_dir": f"{run_dir}/nemo", "log.name": recipe.name,
         "log.ckpt.every_n_train_steps": recipe.checkpoint.interval, "log.ckpt.save_top_k": recipe.checkpoint.keep,
+        # checkpoint.keep means the newest N (as in the native trainer), also for runs that do not validate
+        "log.ckpt.monitor": "step", "log.ckpt.mode": "max", "log.ckpt.filename": CHECKPOINT_FILENAME,
         "resume.resume_if_exists": recipe.checkpoint.resume,
     }
     if recipe.checkpoint.load:  # an HF directory is imported into the run directory first (nemo_backend.main)
@@ -154,6 +157,9 @@ def unsupported(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.train.lr_schedule != "cosine":
         out.append(("train.lr_schedule", f"{recipe.train.lr_schedule}: the nemo backend maps the cosine schedule only "
                                          "(NeMo's CosineAnnealingScheduler); use train.lr_schedule=cosine"))
+    if recipe.checkpoint.load and recipe.checkpoint.load_format == "dcp":
+        out.append(("checkpoint.load_format", "dcp: NeMo restores NeMo checkpoints (load_format=nemo) or imports a Hugging Face "
+                                              "directory (load_format=hf); export a native run first (launch export RUN)"))
     if recipe.checkpoint.save_dir:
         out.append(("checkpoint.save_dir", "NeMo writes checkpoints under RUN/nemo/<name>/checkpoints (resumed from there); "
                                            "leave checkpoint.save_dir unset"))

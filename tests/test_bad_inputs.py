@@ -138,7 +138,10 @@ CASES = [pytest.param(launch(o), {}, w, id=o.replace("\n", "\\n")) for o, w in R
                    ("train.lr_schedule=linear", "train.lr_schedule: linear: the nemo backend maps the cosine schedule only"),
                    ("parallel.pp_schedule=gpipe", "parallel.pp_schedule: Megatron runs 1f1b or interleaved_1f1b"),
                    ("checkpoint.save_dir=/ckpt", "checkpoint.save_dir: NeMo writes checkpoints under RUN/nemo"),
-                   ("data.tokenizer=byte", "data.tokenizer: the nemo backend needs a Hugging Face tokenizer"))],
+                   ("data.tokenizer=byte", "data.tokenizer: the nemo backend needs a Hugging Face tokenizer"),
+                   ("checkpoint.load_format=dcp", "checkpoint.load_format: dcp: NeMo restores NeMo checkpoints"))],
+    pytest.param(["smoke", "--cluster", "local", "--dry-run", "--runs-dir", "{t}/runs", "checkpoint.load={t}",
+                  "checkpoint.load_format=nemo"], {}, "checkpoint.load_format: nemo: the native trainer reads", id="native-load-nemo"),
     # following runs
     pytest.param(["status", "no-such-run", "--runs-dir", "{t}/runs"], {}, "RUN: 'no-such-run' is not a run directory, a run under {t}/runs, or the job id of one", id="status-missing"),
     pytest.param(["list", "--since", "yesterday", "--runs-dir", "{t}/runs"], {}, "--since: 'yesterday' is not a date", id="list-since"),

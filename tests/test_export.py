@@ -123,6 +123,42 @@ def test_export_loads_in_transformers_with_equal_logits_and_generates_the_same(c
     launch(cpu_env, "generate", str(run), *args, "--out", str(tmp_path / "from-run.jsonl"))
     launch(cpu_env, "generate", str(out), *args, "--out", str(tmp_path / "from-hf.jsonl"), "--runs-dir", str(tmp_path / "runs"))
     assert (tmp_path / "from-run.jsonl").read_text() == (tmp_path / "from-hf.jsonl").read_text()
+    nemo_exporter_output_becomes_our_layout(out, tmp_path / "nemo-like", tmp_path / "from-bin")
+
+
+def nemo_exporter_output_becomes_our_layout(hf_dir, bins, out):
+    """A nemo run's export (nemo_backend.export): NeMo's exporter saves with transformers 4.x as sharded
+    pytorch_model-*.bin (hub keys, experts one by one, no MTP modules); bin_to_safetensors rewrites them as
+    safetensors shards in hub order, in the export's dtype (the routing bias kept fp32), loadable by our model."""
+    from safetensors.torch import load_file
+
+    from model.hf_io import hub_order, load_hf_model
+    from nemo_backend.export import bin_to_safetensors
+
+    original = {}
+    for f in sorted(hf_dir.glob("model-*.safetensors")):
+        original.update(load_file(f))
+    layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
+    kept = {k: v for k, v in original.items() if not k.startswith(f"model.layers.{layers}.")}  # what transformers 4.x saves
+    bins.mkdir()
+    keys = sorted(kept)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2], "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        torch.save({k: kept[k] for k in part}, bins / name)
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: n for n, ks in halves.items() for k in ks}}))
+    out.mkdir()
+    assert bin_to_safetensors(bins, out, torch.bfloat16, 200_000) == len(kept)
+    got = {}
+    for f in sorted(out.glob("model-*.safetensors")):
+        got.update(load_file(f))
+    assert len(list(out.glob("model-*.safetensors"))) > 2 and set(got) == set(kept)
+    for k, v in kept.items():
+        want = v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert list(index) == sorted(index, key=hub_order)
+    (out / "config.json").write_text((hf_dir / "config.json").read_text())
+    load_hf_model(out)  # strict: every tensor our model needs is there (MTP dropped with its weights)
 
 
 def test_lora_exports_as_peft_adapter_and_merged_model(cpu_env, trained, tmp_path_factory):

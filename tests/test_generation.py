@@ -151,3 +151,19 @@ def test_eval_writes_one_row_per_example_with_metadata(cpu_env, trained, tmp_pat
     _launch(cpu_env, "eval", str(run), "--cluster", "cpu1", "--max-new-tokens", "8", "--limit", "5")
     again = run / "eval" / "test-step-4-2"
     assert len(list(csv.DictReader(open(again / "results.csv")))) == 5
+    # `launch eval HF_DIR --data DIR`: a model outside any run (a base model, a NeMo run's export). The run's fp32
+    # export answers and scores as its checkpoint does (template from the export's moe_launch_export.json).
+    hf, base = run / "hf-fp32", tmp_path_factory.mktemp("eval-hf")
+    _launch(cpu_env, "export", str(run), "--cluster", "cpu1", "--dtype", "fp32", "--out", str(hf))
+    common = ["--cluster", "cpu1", "--max-new-tokens", "8", "--limit", "5"]
+    res = _launch(cpu_env, "eval", str(hf), *common, "--data", str(data), "--seq-length", "64", "--out", str(base / "from-hf"))
+    assert "template chatml" in res.stdout
+    with open(base / "from-hf" / "results.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == list(csv.DictReader(open(again / "results.csv", newline="")))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (again, base / "from-hf"))
+    assert b["loss"] == pytest.approx(a["loss"], abs=2e-5) and b["label_tokens"] == a["label_tokens"]
+    for missing, field in ((["--out", str(base / "x")], "--data"), (["--data", str(data)], "--out")):
+        res = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(hf), *common, *missing], cwd=ROOT,
+                             env=cpu_env[0], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and field in res.stderr and not (base / "x").exists(), res.stderr
+

@@ -197,7 +197,7 @@ def test_megatron_model_our_job_configures_trains_a_step_on_cpu(tmp_path):
     write_hf_tokenizer("byte", tok, JINJA["chatml"], 1024)
     for split in ("training", "validation", "test"):
         (data / f"{split}.jsonl").write_text('{"input": "What is 2+3?", "output": "5"}\n')
-    res = subprocess.run([sys.executable, "-m", "launcher.cli", "smoke", "--cluster", "local-slurm", "--dry-run", "--runs-dir",
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "smoke", "--cluster", gpu_profile(tmp_path), "--dry-run", "--runs-dir",
                           str(runs), *NEMO, f"data.tokenizer={tok}", f"data.path={data}", "data.packing=false"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -212,6 +212,14 @@ def test_megatron_model_our_job_configures_trains_a_step_on_cpu(tmp_path):
     assert got["moe_layer_freq"] == [int(cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)]
     assert abs(got["loss"] - got["ln_vocab"]) < 0.3
     assert got["no_grad"] == [] and got["zero_grad"] == [] and got["experts"] > 0 and got["router"] > 0
+
+
+def gpu_profile(tmp_path: Path, nodes: int = 1, gpus: int = 2) -> str:
+    """A small Slurm GPU cluster profile (the nemo backend trains on GPUs only); returns its path."""
+    path = tmp_path / "gpu.yaml"
+    path.write_text(f"name: gpu\nexecutor: slurm\ndevice: cuda\nnodes: {nodes}\ngpus_per_node: {gpus}\n"
+                    "gpu: {type: H100-80GB, memory_gb: 80, peak_tflops: 989, assumed_mfu: 0.35}\nslurm: {partition: gpu}\n")
+    return str(path)
 
 
 def free_port() -> int:

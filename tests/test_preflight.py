@@ -76,7 +76,7 @@ def test_min_nodes_for_full_ft():
     (["parallel.dp=4"], "parallel.dp", "gives DP=2"),
     (["peft.method=lora", "peft.targets=[q_proj,wq]"], "peft.targets", "valid: kv_a_proj_with_mqa"),
     (["parallel.ep=2", "model=tiny", "model.n_routed_experts=0"], "parallel.ep", "no routed experts"),
-    (["backend.name=nemo"], "backend.name", "native"),
+    (["backend.name=nemo"], "backend.name", "trains on GPUs only"),
     (["data.path=/nonexistent/sft"], "data.path", "does not exist"),
 ])
 def test_each_check_names_its_field(overrides, field, words):

@@ -38,13 +38,18 @@ def golden_text(recipe_name, cluster_name):
             elif st.task is not None:  # a job on an earlier stage's run
                 args = tasks.parser(st.task, stage="args").parse_args([placeholders(a, values, "args") for a in st.args])
                 prepared = tasks.prepare(st.task, args, profile, Path("/runs"), trained)
+                if prepared.task.kind == "export" and prepared.task.out:
+                    trained[prepared.task.out] = tasks.Source(Path(prepared.task.out), "hf", prepared.recipe, pending=True)
                 name, files = tasks.render_job(prepared, profile, Path(dirs[st.name]), [], True, "python3", job_name=f"{target.name}.{st.name}")
                 parts.append(files[name])
             else:
                 recipe = apply_overrides(load_recipe(st.recipe)[0], [placeholders(o, values, "overrides") for o in st.overrides])
-                trained[dirs[st.name]] = recipe
+                trained[dirs[st.name]] = tasks.Source(Path(dirs[st.name]), "run", recipe, pending=True)
                 earlier = tuple(dirs[s.name] for s in target.stages[:i - 1])
-                parts.append(_render_recipe(recipe, profile, dirs[st.name], earlier))
+                text = _render_recipe(recipe, profile, dirs[st.name], earlier)
+                if text.startswith("# pre-flight refuses"):  # inside a pipeline's script: as comments
+                    text = "".join(f"# {line}\n" if not line.startswith("#") else line + "\n" for line in text.splitlines())
+                parts.append(text)
         return "".join(parts).replace(str(paths.data_dir("examples").parent), "/repo")  # shipped example paths: checkout-independent
     return _render_recipe(target, profile, f"/runs/{recipe_name}-{cluster_name}")
 
@@ -147,7 +152,7 @@ def test_container_and_setup_lines():
                                   container=dataclasses.replace(profile.container, image="nvcr.io/nvidia/nemo:25.09", mounts=["/data:/data", "/ckpt:/ckpt"]))
     text = render(RenderInput(recipe, profile, pre.layout, "/runs/x"))
     assert "module load cuda/12.4\nsource /opt/env.sh\n" in text
-    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in text and "--container-mounts=/runs/x:/runs/x,/data:/data,/ckpt:/ckpt" in text
+    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in text and "--container-mounts=/runs:/runs,/data:/data,/ckpt:/ckpt" in text
     assert "PYTHON=python\n" in text
 
 
@@ -165,7 +170,7 @@ def test_a_container_job_carries_moe_launch_code(tmp_path):
     assert res.returncode == 0, res.stderr
     (run,) = (tmp_path / "runs").iterdir()
     script = (run / "job.sbatch").read_text()
-    assert f"--container-mounts={run}:{run}" in script
+    assert f"--container-mounts={run.parent}:{run.parent}" in script  # the runs directory: earlier stages are visible too
     assert 'export PYTHONPATH="$RUN_DIR/code${PYTHONPATH:+:$PYTHONPATH}"' in script
     code = run / "code"
     assert (code / "nemo_backend" / "main.py").is_file() and (code / "trainer" / "main.py").is_file()

@@ -7,6 +7,7 @@ character, newlines included; other fields hold one line; nothing is interpolate
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -103,7 +104,8 @@ def test_run_dir_interpreter_and_container_fields_in_the_script(tmp_path, capsys
     seen = bash_env(script[script.index("RUN_DIR="):script.index("# ---- environment")], ["PYTHON"])
     assert seen == {"PYTHON": python}
     assert shell_words(script, "--container-image=") == [f"--container-image={image}", "--no-container-mount-home"]
-    assert shell_words(script, "--container-mounts=") == [f"--container-mounts={srun}:{srun},{mount},/b:/b"]
+    runs = str(Path(srun).parent)  # the runs directory: a pipeline's earlier stages are visible in the container
+    assert shell_words(script, "--container-mounts=") == [f"--container-mounts={runs}:{runs},{mount},/b:/b"]
     assert bash_env(next(ln for ln in script.splitlines() if ln.startswith("HEAD_ADDR=")).split("#")[0], ["HEAD_ADDR"]) == {"HEAD_ADDR": "head-0.cluster"}
 
 
