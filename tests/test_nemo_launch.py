@@ -148,3 +148,17 @@ def test_nemo_pipeline_stages_hand_over_to_each_other(tmp_path):
     task = yaml.safe_load((stage["eval"] / "task.yaml").read_text())
     assert task["source"] == f"{stage['export']}/hf" and task["source_kind"] == "hf" and task["data"] == f"{stage['data']}/sft"
     assert task["template"] == "chatml" and "-m evaluation.main" in (stage["eval"] / "job.sbatch").read_text()
+
+
+def test_nemo_gpu_check_script_renders_its_chain(tmp_path):
+    """benchmarks/nemo_gpu_check.py, the one-command check for a GPU in NeMo's environment, in its CPU mode:
+    the same launch of the NeMo pipeline on its one-GPU local profile, checked and rendered; without a GPU or
+    NeMo the real mode says what is missing and exits 2."""
+    res = subprocess.run([sys.executable, "benchmarks/nemo_gpu_check.py", "--dry-run", "--out", str(tmp_path / "c")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "c" / "nemo_gpu_check.json").read_text())
+    assert report["checks"] == {"launch": True, "stages": True}
+    res = subprocess.run([sys.executable, "benchmarks/nemo_gpu_check.py", "--out", str(tmp_path / "d")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "this check needs" in res.stderr and not (tmp_path / "d").exists()
