@@ -40,12 +40,33 @@ class Layout:
         return {k: getattr(self, k) for k in ("tp", "pp", "vpp", "ep", "etp", "cp", "sp", "dp", "edp")}
 
 
-def split_layers(num_layers: int, stages: int) -> list[int]:
-    """Layers per (virtual) pipeline stage, as even as possible.
+def split_layers(num_layers: int, pp: int, vpp: int = 1, megatron: bool = False) -> list[int]:
+    """Layers per (virtual) pipeline stage: ``pp * vpp`` counts, virtual stage k on pipeline rank k % pp.
 
-    Extra layers go to the middle stages first: the first stage also holds the embedding and the
-    last one the output head, loss and MTP modules.
+    Without VPP, Megatron's form (what NeMo takes as num_layers_in_first/last_pipeline_stage): the middle
+    stages equal, ``m = ceil(L / pp)``, the first and last stage the rest, which is never more than ``m``
+    (they also hold the embedding, and the output head, loss and MTP modules); the last gets the odd layer.
+    61 layers on PP8: 6, 8 x 6, 7 (NVIDIA's DeepSeek-V3 SFT split).
+
+    With VPP: as even as possible over the virtual stages, extra layers to the middle ones first; or, with
+    ``megatron`` (the nemo backend), Megatron's interleaved form: the same rule on chunks of ``L / vpp``
+    layers, every virtual stage of a rank the same size; ValueError when ``L`` is not divisible by ``vpp``.
     """
+    if vpp == 1 or megatron:
+        if num_layers % vpp:
+            raise ValueError(f"Megatron's interleaved schedule needs the {num_layers} layers divisible by VPP {vpp}")
+        chunk = num_layers // vpp
+        if pp <= 2:
+            first = chunk // 2 if pp == 2 else chunk
+            per_rank = [first, chunk - first][:pp]
+        else:
+            middle = -(-chunk // pp)
+            while middle > 1 and chunk - (pp - 2) * middle < 2:
+                middle -= 1
+            rest = chunk - (pp - 2) * middle
+            per_rank = [rest // 2] + [middle] * (pp - 2) + [rest - rest // 2]
+        return [per_rank[k % pp] for k in range(pp * vpp)]
+    stages = pp * vpp
     base, extra = divmod(num_layers, stages)
     counts = [base] * stages
     order = list(range(1, stages - 1)) + [stages - 1, 0] if stages > 2 else list(range(stages))
@@ -54,10 +75,15 @@ def split_layers(num_layers: int, stages: int) -> list[int]:
     return counts
 
 
+def megatron(recipe) -> bool:
+    """Whether the recipe's pipeline split is Megatron's (the nemo backend): see :func:`split_layers`."""
+    return recipe.backend.name == "nemo"
+
+
 @lru_cache(maxsize=4096)
-def rank_layers(num_layers: int, pp: int, vpp: int) -> tuple[tuple[int, ...], ...]:
+def rank_layers(num_layers: int, pp: int, vpp: int, megatron: bool = False) -> tuple[tuple[int, ...], ...]:
     """Decoder layer indices held by each pipeline rank; virtual stage k runs on rank k % pp."""
-    counts = split_layers(num_layers, pp * vpp)
+    counts = split_layers(num_layers, pp, vpp, megatron)
     ranks: list[list[int]] = [[] for _ in range(pp)]
     start = 0
     for k, n in enumerate(counts):

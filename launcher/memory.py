@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.layout import Layout, rank_layers
+from launcher.layout import Layout, megatron, rank_layers
 from model.config import ModelConfig, TensorSpec
 
 GiB = 1024**3
@@ -268,7 +268,7 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
                  for kind in ("dense", "moe")}
     static_memo: dict[tuple, list] = {}  # ranks holding the same groups hold the same static bytes
     out = []
-    for r, layers in enumerate(rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)):
+    for r, layers in enumerate(rank_layers(m.num_hidden_layers, lay.pp, lay.vpp, megatron(recipe))):
         counts = rank_groups(recipe, lay, r, layers)
         key = tuple(counts.values())
         if key not in static_memo:

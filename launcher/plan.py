@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from launcher.cluster import ClusterProfile
-from launcher.layout import rank_layers, split_layers
+from launcher.layout import megatron, rank_layers, split_layers
 from launcher.memory import STATIC, GiB, estimate_ranks
 from launcher.preflight import Preflight
 from launcher.recipe import Recipe
@@ -25,8 +25,8 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
         "derived": list(lay.derived),
         "pipeline": {
             "schedule": recipe.parallel.pp_schedule,
-            "layers_per_stage": split_layers(m.num_hidden_layers, lay.pp * lay.vpp),
-            "layers_per_rank": [len(r) for r in rank_layers(m.num_hidden_layers, lay.pp, lay.vpp)],
+            "layers_per_stage": split_layers(m.num_hidden_layers, lay.pp, lay.vpp, megatron(recipe)),
+            "layers_per_rank": [len(r) for r in rank_layers(m.num_hidden_layers, lay.pp, lay.vpp, megatron(recipe))],
         },
         "batch": {"global": t.global_batch_size, "micro": t.micro_batch_size, "microbatches_per_step": micro,
                   "tokens_per_step": tokens},
@@ -92,7 +92,7 @@ def memory_table(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
     unit, div = ("GiB", GiB) if profile.device == "cuda" else ("MiB", 1024**2)
     fullest = max(ests, key=lambda e: e.total).pp_rank
     rows = [["rank", "layers", *[SHORT[k] for k in labels], "total", "verdict"]]
-    for e, layers in zip(ests, rank_layers(recipe.model.num_hidden_layers, lay.pp, lay.vpp)):
+    for e, layers in zip(ests, rank_layers(recipe.model.num_hidden_layers, lay.pp, lay.vpp, megatron(recipe))):
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 and layers[-1] - layers[0] == len(layers) - 1 else ",".join(map(str, layers)) or "-"
         rows.append([f"{e.pp_rank}{'*' if e.pp_rank == fullest else ''}", span, *[f"{e.get(k) / div:.2f}" for k in labels],
                      f"{e.total / div:.2f}", e.verdict])

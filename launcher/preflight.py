@@ -18,7 +18,7 @@ from pathlib import Path
 from launcher import memory, resume, sft_format
 from launcher.cluster import ClusterProfile
 from launcher.errors import Problem
-from launcher.layout import Layout, split_layers
+from launcher.layout import Layout, megatron, split_layers
 from launcher.recipe import Recipe, fingerprint
 from launcher.validate import recipe_problems
 
@@ -118,8 +118,12 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         E("parallel.vpp", "the interleaved_1f1b schedule needs VPP >= 2; set parallel.vpp or parallel.pp_schedule=1f1b")
     if stages > m.num_hidden_layers:
         E("parallel.pp", f"{m.num_hidden_layers} layers cannot fill PP*VPP = {stages} stages; valid PP*VPP: <= {m.num_hidden_layers}")
+    elif vpp > 1 and megatron(recipe) and m.num_hidden_layers % vpp:
+        valid = [v for v in range(2, m.num_hidden_layers // pp + 1) if m.num_hidden_layers % v == 0][:6]
+        E("parallel.vpp", f"the nemo backend (Megatron's interleaved schedule) needs the {m.num_hidden_layers} layers divisible "
+                          f"by VPP {vpp}; valid VPP: {', '.join(map(str, valid)) or 'none'} (or parallel.vpp=1)")
     elif stages > 1 and m.num_hidden_layers % stages:
-        counts = split_layers(m.num_hidden_layers, stages)
+        counts = split_layers(m.num_hidden_layers, pp, vpp, megatron(recipe))
         W("parallel.pp", f"{m.num_hidden_layers} layers over {stages} stages is uneven ({min(counts)}-{max(counts)} layers per stage)")
 
     # batch and sequence
@@ -139,7 +143,8 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
     if data.seq_length > m.max_position_embeddings:
         W("data.seq_length", f"{data.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}")
 
-    lay = Layout(tp, pp, vpp, cp, ep, etp, dp, par.sp, profile.nodes, gpn) if dp else None
+    splittable = not (vpp > 1 and megatron(recipe) and m.num_hidden_layers % vpp)  # else an error above
+    lay = Layout(tp, pp, vpp, cp, ep, etp, dp, par.sp, profile.nodes, gpn) if dp and splittable else None
     pre = Preflight(lay, errs + warns)
     if lay is not None:
         # An EP the stage cannot hold is estimated with the largest EP it can: experts still need a home.

@@ -75,16 +75,16 @@ def model_values(cfg: ModelConfig, recipe: Recipe) -> dict[str, Any]:
 def values(recipe: Recipe, plan: dict, run_dir: str) -> dict[str, Any]:
     """Every NeMo recipe field we set, as ``dotted path -> value`` (data module and PEFT config separately)."""
     lay, t = plan["layout"], recipe.train
-    stages = plan["pipeline"]["layers_per_stage"]
+    ranks = plan["pipeline"]["layers_per_rank"]  # Megatron's split (launcher.layout.split_layers, megatron=True)
     pp = lay["pp"]
     out = {
         "trainer.num_nodes": plan["nodes"], "trainer.devices": plan["gpus_per_node"],
         "trainer.strategy.tensor_model_parallel_size": lay["tp"],
         "trainer.strategy.pipeline_model_parallel_size": pp,
         "trainer.strategy.virtual_pipeline_model_parallel_size": lay["vpp"] if lay["vpp"] > 1 else None,
-        # Megatron splits the middle stages evenly: give it our first and last stage (the rest must be equal)
-        "trainer.strategy.num_layers_in_first_pipeline_stage": stages[0] if pp > 1 else None,
-        "trainer.strategy.num_layers_in_last_pipeline_stage": stages[-1] if pp > 1 else None,
+        # Megatron splits the middle ranks evenly: our plan's first and last rank (its middle ones are equal)
+        "trainer.strategy.num_layers_in_first_pipeline_stage": ranks[0] if pp > 1 else None,
+        "trainer.strategy.num_layers_in_last_pipeline_stage": ranks[-1] if pp > 1 else None,
         "trainer.strategy.expert_model_parallel_size": lay["ep"],
         "trainer.strategy.expert_tensor_parallel_size": lay["etp"],
         "trainer.strategy.context_parallel_size": lay["cp"],

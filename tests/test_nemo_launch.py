@@ -162,3 +162,35 @@ def test_nemo_gpu_check_script_renders_its_chain(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/nemo_gpu_check.py", "--out", str(tmp_path / "d")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "this check needs" in res.stderr and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name,cluster,extra", [("full_ft", "h100-8x64", []), ("lora", "h100-8x64", []),
+                                                 ("pretrain_671b", "h100-8x64", ["parallel.ep=32"]),
+                                                 ("full_ft", "h100-8x64", ["parallel.pp=4", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                                                           "model.num_hidden_layers=60", "parallel.ep=64", "train.global_batch_size=512"])])
+def test_nemo_plan_splits_layers_as_megatron_does(tmp_path, name, cluster, extra):
+    """Megatron takes the first and last pipeline rank's layer counts and splits the rest evenly over the middle
+    ranks (and, with VPP, each rank's layers evenly over its chunks): the plan's split must be one Megatron
+    builds, or NeMo would train another layout than the one planned (or refuse it). DeepSeek-V3 SFT on PP8: 6/8/7."""
+    runs = tmp_path / "runs"
+    launch(name, "--cluster", cluster, "--dry-run", "--runs-dir", str(runs), "backend.name=nemo",
+           f"backend.container_image={IMAGE}", *extra)
+    (run,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    plan = yaml.safe_load((run / "plan.yaml").read_text())
+    pp, vpp = plan["layout"]["pp"], plan["layout"]["vpp"]
+    ranks, stages = plan["pipeline"]["layers_per_rank"], plan["pipeline"]["layers_per_stage"]
+    layers = yaml.safe_load((run / "recipe.yaml").read_text())["model"]["num_hidden_layers"]
+    first, last = ranks[0], ranks[-1]
+    assert (layers - first - last) % (pp - 2) == 0 and set(ranks[1:-1]) == {(layers - first - last) // (pp - 2)}
+    assert max(first, last) <= ranks[1]  # the ends also hold the embedding, head, loss and MTP
+    for r in range(pp):
+        assert len({stages[k] for k in range(r, pp * vpp, pp)}) == 1 and stages[r] * vpp == ranks[r]  # equal chunks
+    if name == "full_ft" and not extra:
+        assert ranks == [6, 8, 8, 8, 8, 8, 8, 7]  # NVIDIA's NeMo recipe for DeepSeek-V3 SFT
+
+
+def test_nemo_vpp_that_megatron_cannot_split_is_refused(tmp_path):
+    res = launch("full_ft", "--cluster", "h100-8x64", "--dry-run", "--runs-dir", str(tmp_path / "runs"), "backend.name=nemo",
+                 f"backend.container_image={IMAGE}", "parallel.pp=4", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b",
+                 expect=2)
+    assert "parallel.vpp: the nemo backend (Megatron's interleaved schedule) needs the 61 layers divisible by VPP 2" in res.stderr

@@ -118,7 +118,7 @@ def sync_shared_embedding(model: "PipelineRankModel", group) -> None:
 
 def build_stages(model: DeepseekV3, pp: int, vpp: int, pp_rank: int) -> list[tuple[int, StageModule]]:
     """(stage index, module) for the virtual stages of pipeline rank ``pp_rank``."""
-    counts = split_layers(model.cfg.num_hidden_layers, pp * vpp)
+    counts = split_layers(model.cfg.num_hidden_layers, pp, vpp)
     starts = [sum(counts[:k]) for k in range(pp * vpp)]
     out = []
     for k in range(pp_rank, pp * vpp, pp):
