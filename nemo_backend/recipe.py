@@ -47,6 +47,8 @@ def model_values(cfg: ModelConfig, recipe: Recipe) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "make_vocab_size_divisible_by": 1, "max_position_embeddings": cfg.max_position_embeddings,
         "layernorm_epsilon": cfg.rms_norm_eps, "rotary_base": cfg.rope_theta, "init_method_std": cfg.initializer_range,
         "share_embeddings_and_output_weights": cfg.tie_word_embeddings, "seq_length": recipe.data.seq_length,
+        # our loss: summed over the labelled tokens and divided by their global count (NeMo requires it with CP)
+        "calculate_per_token_loss": recipe.data.kind == "sft",
         "mtp_num_layers": cfg.num_nextn_predict_layers or None,
         "mtp_loss_scaling_factor": recipe.train.mtp_loss_weight if cfg.num_nextn_predict_layers else None,
     }

@@ -25,12 +25,15 @@ pytestmark = pytest.mark.skipif(not NEMO_PYTHON.exists(), reason="no NeMo venv (
 GOLDEN = ROOT / "tests" / "golden" / "nemo"
 NEMO = ["backend.name=nemo", "backend.container_image=nvcr.io/nvidia/nemo:25.09"]
 CASES = {"full_ft": ("h100-8x64", []), "lora": ("h100-8x64", []), "full_ft_16b": ("h100-8x4", []),
-         "pretrain": ("h100-8x4", []), "pretrain_671b": ("h100-8x64", ["parallel.ep=32"])}
+         "pretrain": ("h100-8x4", []), "pretrain_671b": ("h100-8x64", ["parallel.ep=32"]),
+         "full_ft_cp2": ("h100-8x64", ["parallel.cp=2"])}  # a variant: recipe name before the first "_cp"
 
 # Runs in the NeMo venv: build each run directory's recipe through the entry module, read every field back.
 READ_BACK = """
-import json, sys
+import json, sys, types
 from pathlib import Path
+import fiddle as fdl
+from nemo.collections.llm.api import _validate_config
 from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
 from nemo_backend.main import write_config
 from nemo_backend.recipe import get_path
@@ -45,6 +48,19 @@ for run_dir, keys in json.loads(sys.argv[1]).items():
     back = ZlibJSONSerializer().deserialize((Path(run_dir) / "nemo_recipe.json").read_text())
     got["json_equal"] = back == r
     got["fn"] = r.__fn_or_cls__.__name__
+    # NeMo's own pre-training checks (llm.finetune/pretrain run them first; here on the config, no GPU):
+    # DP/GBS divisibility, TP/SP, PP dtype, CP (seq_length % 2CP, per-token loss for SFT), EP vs experts
+    cls = r.data.__fn_or_cls__
+    data = cls.__new__(cls)
+    for k in ("micro_batch_size", "global_batch_size", "seq_length"):
+        setattr(data, k, getattr(r.data, k))
+    trainer = types.SimpleNamespace(strategy=fdl.build(r.trainer.strategy), num_devices=r.trainer.devices,
+                                    num_nodes=r.trainer.num_nodes)
+    try:
+        _validate_config(fdl.build(r.model), data, trainer)
+        got["nemo_validates"] = True
+    except AssertionError as exc:
+        got["nemo_validates"] = str(exc)
     out[run_dir] = got
 print("RESULT " + json.dumps(out, default=str))
 """
@@ -57,7 +73,7 @@ def built(tmp_path_factory):
     runs = {}
     for name, (cluster, extra) in CASES.items():
         root = base / name
-        res = subprocess.run([sys.executable, "-m", "launcher.cli", name, "--cluster", cluster, "--dry-run", "--runs-dir",
+        res = subprocess.run([sys.executable, "-m", "launcher.cli", name.split("_cp")[0], "--cluster", cluster, "--dry-run", "--runs-dir",
                               str(root), *NEMO, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         (run,) = [p for p in root.iterdir() if not p.name.startswith(".")]
@@ -90,6 +106,7 @@ def test_nemo_recipe_has_our_values_field_by_field(built, name):
         assert got["data"][k] == v, k
     assert got["peft"] == peft_values(recipe)
     assert got["json_equal"] is True
+    assert got["nemo_validates"] is True, got["nemo_validates"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
