@@ -1,7 +1,7 @@
 """The nemo backend's job side, run in the project's NeMo venv (scripts/nemo_venv.sh; .ci/run builds it).
 
 For every shipped recipe with backend.name=nemo: `launch --dry-run` writes a run directory, the job's
-entry module (`python -m nemo_backend.main --config-only`) builds the NeMo recipe from it, and the built
+entry module builds the NeMo recipe from it (`python -m nemo_backend.main --config-only`, as the script starts it), and the built
 recipe holds exactly the values our recipe and plan say (field by field, read back from NeMo's objects);
 its readable YAML is a golden file; its JSON form deserialises to an equal recipe.
 """
@@ -315,3 +315,18 @@ def test_nemo_pretraining_reads_our_token_file_through_megatrons_index(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("uint")) == [
         "uint16.bin", "uint16.bin.idx", "uint16.bin.json", "uint32.bin", "uint32.bin.json"]  # the user's files untouched
     assert meta["eos_id"] in stream
+
+
+def test_the_jobs_command_line_runs_from_the_code_snapshot(built):
+    """The full_ft job as rendered: its entry module, started as the script starts it (`python -m nemo_backend.main
+    --run-dir RUN_DIR`), with only the run directory's code snapshot on PYTHONPATH (as in NeMo's container) and
+    outside the checkout, builds the recipe (--config-only) and writes what NeMo is asked to do."""
+    run, _ = built["full_ft"]
+    script = (run / "job.sbatch").read_text()
+    assert '-m nemo_backend.main --run-dir "$RUN_DIR"' in script
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([str(NEMO_PYTHON), "-m", "nemo_backend.main", "--run-dir", str(run), "--config-only"], cwd="/",
+                         capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(run / "code")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"wrote {run / 'nemo_recipe.yaml'}" in res.stdout
+    assert "nemo_backend.requeue.RequeueOnSignal" in (run / "nemo_recipe.yaml").read_text()
