@@ -6,8 +6,9 @@ Checked before NeMo is asked: the directory is a DeepSeek-V3-family checkpoint w
 (NeMo's importer refuses those: convert first, ``moe-convert-fp8``). NeMo's importer reads the upstream
 DeepSeek config keys (``scoring_func``, ``topk_method``, ``num_nextn_predict_layers``, ``aux_loss_alpha``),
 which transformers' own config may omit: when some are missing, NeMo is given a view of the directory
-(links to its files) with a config.json completed from our reading of it; the user's directory is
-never written. ``OUT`` must not exist; it appears complete (NeMo writes ``OUT.partial`` first).
+(``OUT.hf-view``: links to its files, a config.json completed from our reading of it; kept, since the
+checkpoint's context names its tokenizer there); the user's directory is never written. ``OUT`` must
+not exist; it appears complete (NeMo writes ``OUT.partial`` first).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ NEMO_KEYS = ("scoring_func", "topk_method", "num_nextn_predict_layers", "aux_los
 
 
 def importer_source(hf_dir: Path, scratch: Path) -> tuple[Path, list[str]]:
-    """(the directory NeMo imports, the config keys filled in). ``scratch`` holds the completed view if needed."""
+    """(the directory NeMo imports, the config keys filled in). ``scratch``: where the completed view goes if needed."""
     from model.hf_config import config_to_hf, load_config
 
     config_file = hf_dir / "config.json"
@@ -43,7 +44,7 @@ def importer_source(hf_dir: Path, scratch: Path) -> tuple[Path, list[str]]:
     missing = [k for k in NEMO_KEYS if k not in hf and k in ours]
     if not missing:
         return hf_dir, []
-    view = scratch / "hf-view"
+    view = scratch
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     for entry in hf_dir.iterdir():
@@ -65,7 +66,7 @@ def import_checkpoint(hf_dir: Path, out: Path) -> Path:
         raise UserError(f"{out} already exists; an import never overwrites: choose another OUT", "OUT")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    source, filled = importer_source(hf_dir, out.with_name(out.name + ".scratch"))
+    source, filled = importer_source(hf_dir, out.with_name(out.name + ".hf-view"))
     if filled:
         print(f"moe-launch: import: config.json lacks {', '.join(filled)} (NeMo's importer reads them); "
               "giving NeMo a view with them filled in", flush=True)
@@ -73,7 +74,6 @@ def import_checkpoint(hf_dir: Path, out: Path) -> Path:
     fam = getattr(llm, family(cfg))
     model = fdl.build(fam.model(use_mtp=bool(cfg.num_nextn_predict_layers)) if family(cfg) == "deepseek_v3" else fam.model())
     llm.import_ckpt(model=model, source="hf://" + str(source), output_path=str(staging), overwrite=True)
-    shutil.rmtree(out.with_name(out.name + ".scratch"), ignore_errors=True)
     (staging / "moe_launch_import.json").write_text(json.dumps({"source": str(hf_dir)}, indent=2) + "\n")
     staging.rename(out)
     return out
@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             if args.out.exists():
                 raise UserError(f"{args.out} already exists; an import never overwrites: choose another OUT", "OUT")
-            source, filled = importer_source(args.hf_dir.expanduser().resolve(), Path(os.environ.get("TMPDIR", "/tmp")) / "moe-launch-import-check")
-            print(f"moe-launch: import: would import {source}" + (f" (config keys filled in: {', '.join(filled)})" if filled else ""))
+            scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"moe-launch-import-check-{os.getpid()}"
+            source, filled = importer_source(args.hf_dir.expanduser().resolve(), scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+            print(f"moe-launch: import: would import {args.hf_dir}" + (f" (config keys filled in: {', '.join(filled)})" if filled else ""))
             return
         out = import_checkpoint(args.hf_dir, args.out)
     except UserError as exc:
