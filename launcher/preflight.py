@@ -134,12 +134,18 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         E("train.global_batch_size", f"{train.global_batch_size} is not divisible by micro batch {mb} x DP {dp} = {step}; try {' or '.join(map(str, near))}")
     elif dp and par.pp_schedule == "interleaved_1f1b" and pp > 1 and (train.global_batch_size // (mb * dp)) % pp:
         E("train.global_batch_size", f"the interleaved schedule needs the micro-batch count ({train.global_batch_size // (mb * dp)}) divisible by PP {pp}")
-    if par.sp and tp > 1 and data.seq_length % tp:
-        E("data.seq_length", f"{data.seq_length} must be divisible by TP {tp} with sequence parallel")
-    if cp > 1 and recipe.backend.name == "native":
-        E("parallel.cp", f"CP={cp}: the native trainer does not do context parallelism yet; use parallel.cp=1 or backend.name=nemo")
-    if cp > 1 and data.seq_length % (2 * cp):
-        E("data.seq_length", f"{data.seq_length} must be divisible by 2*CP = {2 * cp} (load-balanced causal context parallel)")
+    sp_tp = tp if par.sp and tp > 1 else 1
+    need = sp_tp * (2 * cp if cp > 1 else 1)  # CP: 2 x CP balanced chunks; SP: each split again over TP
+    if data.seq_length % need:
+        what = " x ".join([f"TP {tp}"] * (sp_tp > 1) + [f"2*CP = {2 * cp}"] * (cp > 1))
+        why = ", ".join(["sequence parallel"] * (sp_tp > 1) + ["load-balanced causal context parallel"] * (cp > 1))
+        lower = data.seq_length // need * need
+        near = " or ".join(str(n) for n in (lower, lower + need) if n)
+        E("data.seq_length", f"{data.seq_length} must be divisible by {what}{f' = {need}' if sp_tp > 1 and cp > 1 else ''} "
+                             f"({why}); nearest valid: {near}")
+    if cp > 1 and pp > 1 and recipe.backend.name == "native":
+        E("parallel.cp", f"CP={cp} with PP={pp}: the native trainer does not combine context and pipeline parallelism yet; "
+                         "use parallel.pp=1 or backend.name=nemo")
     if data.seq_length > m.max_position_embeddings:
         W("data.seq_length", f"{data.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}")
 

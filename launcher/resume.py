@@ -18,7 +18,7 @@ from pathlib import Path
 from launcher.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")  # a complete checkpoint (writers use step-N.partial)
-RESUMABLE_CHANGES = ("dp", "ep", "edp")  # DCP reshards these; the rest must match
+RESUMABLE_CHANGES = ("dp", "ep", "edp", "cp")  # DCP reshards these (CP is an FSDP dimension too); the rest must match
 
 
 class ResumeRefused(RuntimeError):
@@ -37,7 +37,7 @@ def check_compatible(saved: dict, current: dict) -> None:
     if saved.get("fingerprint") != current["fingerprint"]:
         raise ResumeRefused("the checkpoint was written for another model or PEFT configuration "
                             f"(fingerprint {saved.get('fingerprint')} vs {current['fingerprint']}); use a new checkpoint.save_dir")
-    for dim in ("tp", "pp", "vpp", "cp", "etp"):
+    for dim in ("tp", "pp", "vpp", "etp"):
         if saved["layout"].get(dim, 1) != current["layout"].get(dim, 1):
             raise ResumeRefused(f"the checkpoint was written with {dim.upper()}={saved['layout'].get(dim)}, this layout has "
                                 f"{dim.upper()}={current['layout'].get(dim)}; only {', '.join(d.upper() for d in RESUMABLE_CHANGES)} may change on resume")

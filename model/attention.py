@@ -66,9 +66,15 @@ class MLA(nn.Module):
             out = out[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S] (True = attend)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cp=None) -> torch.Tensor:
+        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S_k] (True = attend).
+
+        ``cp`` (context parallelism, trainer.context_parallel): x is this rank's part of the sequence; the
+        latent and the rotated shared key (what MLA's K/V come from, ~70x smaller than K/V) are gathered
+        from every CP rank, and the local queries attend to all of them under ``mask`` [B, 1, S, S_all]."""
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
         if self.shared_key_hook is not None:
             k_rope = self.shared_key_hook(k_rope)
+        if cp is not None:
+            latent, k_rope = cp.gather(latent, 1), cp.gather(k_rope, 2)
         return self.attend(q_nope, q_rope, latent, k_rope, mask)

@@ -129,14 +129,23 @@ class AuxLossGrad(torch.autograd.Function):
         return grad, torch.full_like(aux, AuxLossGrad.scale)
 
 
-def sequence_aux_loss(scores: torch.Tensor, ids: torch.Tensor, batch: int, alpha: float) -> torch.Tensor:
-    """DeepSeek-V3's sequence-wise balance loss: alpha * mean_seq sum_i f_i P_i."""
+def sequence_aux_loss(scores: torch.Tensor, ids: torch.Tensor, batch: int, alpha: float, cp=None) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss: alpha * mean_seq sum_i f_i P_i.
+
+    ``cp`` (context parallelism: this rank holds part of each sequence): f and P are statistics of the whole
+    sequence, so the counts and affinity sums are summed over the CP ranks; the gradient reaches only this
+    rank's tokens (the other ranks' parts enter as constants; CP gradients are summed afterwards)."""
     n_exp, k = scores.shape[-1], ids.shape[-1]
     probs = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, n_exp)  # normalised affinities
     seq = probs.shape[1]
     counts = torch.zeros(batch, n_exp, device=scores.device).scatter_add_(1, ids.view(batch, -1), torch.ones(batch, seq * k, device=scores.device))
+    prob_sum = probs.sum(1)
+    if cp is not None:
+        counts = cp.all_reduce(counts)
+        prob_sum = prob_sum + (cp.all_reduce(prob_sum.detach()) - prob_sum.detach())
+        seq = seq * cp.size
     f = counts * n_exp / (k * seq)
-    return alpha * (f * probs.mean(1)).sum(-1).mean()
+    return alpha * (f * prob_sum / seq).sum(-1).mean()
 
 
 class MoE(nn.Module):
@@ -152,7 +161,8 @@ class MoE(nn.Module):
         self.dispatcher = None  # None: all experts local
         self.expert_runner = None  # None: self.experts; tensor parallelism wraps them
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cp=None) -> torch.Tensor:
+        """x [B, S, H]; ``cp``: context parallelism (trainer.context_parallel), for the sequence-wise aux loss."""
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         weights, ids, scores = self.gate(flat)
@@ -164,7 +174,7 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
         out = out.view(b, s, h)
         if self.training and self.cfg.aux_loss_alpha > 0 and torch.is_grad_enabled():
-            out = AuxLossGrad.apply(out, sequence_aux_loss(scores, ids, b, self.cfg.aux_loss_alpha))
+            out = AuxLossGrad.apply(out, sequence_aux_loss(scores, ids, b, self.cfg.aux_loss_alpha, cp))
         return out
 
     def route(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

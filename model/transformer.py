@@ -30,9 +30,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask=None, cp=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cp=cp)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, cp=cp) if cp is not None and isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class MTPModule(DecoderLayer):
@@ -50,9 +51,9 @@ class MTPModule(DecoderLayer):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, emb_next, cos, sin, mask=None):
+    def forward(self, h, emb_next, cos, sin, mask=None, cp=None):
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h)], dim=-1))
-        return self.shared_head.norm(super().forward(x, cos, sin, mask))
+        return self.shared_head.norm(super().forward(x, cos, sin, mask, cp=cp))
 
 
 @dataclass
@@ -88,6 +89,16 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
+def context_parallel_mask(cp, segment_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The mask of this CP rank's queries over the gathered keys, [B, 1, S_local, S_all]: causal by global
+    position, and within the same packed sequence (segment ids gathered from every CP rank)."""
+    causal = cp.all_index[None, :] <= cp.index[:, None]
+    if segment_ids is None:
+        return causal[None, None].expand(batch, 1, -1, -1)
+    every = cp.gather_constant(segment_ids, 1)
+    return (causal[None] & (segment_ids[:, :, None] == every[:, None, :]))[:, None]
+
+
 class DeepseekV3(nn.Module):
     def __init__(self, cfg: ModelConfig, mtp_loss_weight: float = 0.1):
         super().__init__()
@@ -103,20 +114,27 @@ class DeepseekV3(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, return_logits: bool = True, reduction: str = "mean") -> CausalLMOutput:
+                segment_ids: torch.Tensor | None = None, return_logits: bool = True, reduction: str = "mean",
+                cp=None, mtp_inputs: list | None = None, mtp_labels: list | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] aligned with positions (IGNORE_INDEX = no loss); segment_ids for packing.
 
         ``reduction="sum"``: lm_loss is the summed token loss and mtp_loss the per-depth sums [D] (loss is
         None); a distributed trainer divides by its global token counts (see :func:`mtp_targets`).
+        ``cp``: context parallelism (trainer.context_parallel): the tensors are this rank's part of the
+        sequence, positions global; ``mtp_inputs``/``mtp_labels`` are then the tokens and targets k ahead,
+        taken from the whole sequence (a local shift would cross chunk boundaries).
         """
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        if cp is not None:
+            mask = context_parallel_mask(cp, segment_ids, b)
+        else:
+            mask = segment_mask(segment_ids) if segment_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, cp=cp)
         h = self.norm(h)
         logits = self.lm_head(h)
         if labels is None:
@@ -126,8 +144,10 @@ class DeepseekV3(nn.Module):
                              tokens=(labels != IGNORE_INDEX).sum())
         if len(self.mtp) and self.mtp_loss_weight > 0:
             mtp_losses = []
-            for k, (module, target) in enumerate(zip(self.mtp, mtp_targets(labels, segment_ids, len(self.mtp))), start=1):
-                h = module(h, self.embed_tokens(torch.roll(input_ids, -k, dims=1)), cos, sin, mask)
+            targets = mtp_labels if mtp_labels is not None else mtp_targets(labels, segment_ids, len(self.mtp))
+            for k, (module, target) in enumerate(zip(self.mtp, targets), start=1):
+                ahead = mtp_inputs[k - 1] if mtp_inputs is not None else torch.roll(input_ids, -k, dims=1)
+                h = module(h, self.embed_tokens(ahead), cos, sin, mask, cp=cp)
                 mtp_losses.append(causal_lm_loss(self.lm_head(h), target, reduction))
             out.mtp_loss = torch.stack(mtp_losses) if reduction == "sum" else torch.stack(mtp_losses).mean()
             if reduction == "mean":

@@ -66,6 +66,11 @@ def reference(env):
     ("pp2-ep2-mtp", 4, ["parallel.pp=2", "parallel.ep=2"]),
     ("tp2-sp-mtp", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
     ("pp2-tp2-sp-mtp", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
+    # context parallel (MTP on): packed documents of the smoke data cross the 16-token chunks of CP2 at seq 64
+    ("cp2-mtp", 2, ["parallel.cp=2", "parallel.ep=1"]),
+    ("cp2-dp2", 4, ["parallel.cp=2", "parallel.ep=1"]),
+    ("cp2-ep2", 4, ["parallel.cp=2", "parallel.ep=2"]),
+    ("cp2-tp2-sp", 4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
 ])
 def test_parallel_layout_equals_single_process(trained, reference, name, procs, overrides):
     run = trained(name, procs, *overrides)
@@ -85,13 +90,15 @@ def test_lora_trains_adapters_only_on_any_layout(env):
     lora = ["peft.method=lora", "peft.targets=[q_a_proj,q_b_proj,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]", "train.lr=5e-3"]
     got = {}
     for name, procs, layout in (("dp1", 1, ["parallel.ep=1"]), ("ep2", 2, ["parallel.ep=2"]),
-                                ("tp2", 2, ["parallel.ep=1", "parallel.tp=2"])):  # adapters split like their base weights
+                                ("tp2", 2, ["parallel.ep=1", "parallel.tp=2"]),  # adapters split like their base weights
+                                ("cp2", 2, ["parallel.ep=1", "parallel.cp=2"])):
         run, res = train(env, env[1] / f"lora-{name}", procs, *layout, *lora)
         got[name] = losses(run)
         weights = final_weights(run / "checkpoints")
         assert any(".lora_A." in k for k in weights)
     assert got["ep2"] == pytest.approx(got["dp1"], abs=2e-5)
     assert got["tp2"] == pytest.approx(got["dp1"], abs=2e-5)
+    assert got["cp2"] == pytest.approx(got["dp1"], abs=2e-5)
     assert min(got["dp1"]) < got["dp1"][0]
 
 
@@ -174,7 +181,7 @@ def test_sigusr2_checkpoints_and_exits_for_requeue_then_resume_is_bitwise(env):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_with_changed_dp_and_ep_layout(env):
+def test_resume_with_changed_dp_ep_and_cp_layout(env):
     ck = env[1] / "ck-layout"
     long = ["train.max_steps=6", "checkpoint.interval=3"]
     first, _ = train(env, env[1] / "lay1", 2, "parallel.ep=2", *long, "train.max_steps=6", f"checkpoint.save_dir={ck}")
@@ -185,6 +192,12 @@ def test_resume_with_changed_dp_and_ep_layout(env):
     second, res = train(env, env[1] / "lay2", 1, "parallel.ep=1", *long, f"checkpoint.save_dir={ck}")
     assert "resumed from" in res.stdout and "layout was" in res.stdout
     assert max(abs(a - b) for a, b in zip(losses(second), ref[3:])) <= 2e-5
+    # and with context parallelism: CP is a layout change like DP's (checkpoints are layout-free)
+    cp_dir = Path(f"{ck}-cp")
+    shutil.copytree(ck / "step-00000003", cp_dir / "step-00000003")
+    third, res = train(env, env[1] / "lay3", 2, "parallel.ep=1", "parallel.cp=2", *long, f"checkpoint.save_dir={cp_dir}")
+    assert "resumed from" in res.stdout and "'cp': 1" in res.stdout
+    assert max(abs(a - b) for a, b in zip(losses(third), ref[3:])) <= 2e-5
 
 
 def test_incompatible_resume_is_refused_before_training(env):

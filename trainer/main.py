@@ -29,6 +29,7 @@ from launcher.rundir import read_plan
 from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
+from trainer.context_parallel import ContextParallel, split_batch
 from trainer.data import build_train_loader
 from trainer.entry import EXIT_CODE_FILE, init_distributed, run_entry
 from trainer.lora import apply_lora, freeze_in_bf16, init_lora
@@ -112,8 +113,9 @@ def train(run_dir: Path) -> int:
     expected = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
     if world != expected:
         raise SystemExit(f"moe-launch: error: {world} ranks started, the plan needs {expected}")
-    if layout["cp"] != 1:
-        raise SystemExit("moe-launch: error: the native trainer does not do context parallelism yet")
+    cp = layout.get("cp", 1)
+    if cp > 1 and layout["pp"] > 1:
+        raise SystemExit("moe-launch: error: the native trainer does not combine context and pipeline parallelism yet")
     stop = StopFlag()
     # which node each rank runs on (SLURMD_NODENAME under Slurm: emulated nodes share a hostname)
     nodes: list = [None] * world
@@ -166,7 +168,9 @@ def train(run_dir: Path) -> int:
         return loss
 
     dp_rank, dp_size = meshes.dp.get_local_rank(), meshes.dp.size()
+    cp_rank, cp_group = meshes.cp.get_local_rank(), meshes.cp.get_group()
     tokenizer = load_tokenizer(data_cfg.tokenizer)
+    pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise SystemExit(f"moe-launch: error: tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size is {recipe.model.vocab_size}")
     loader = build_train_loader(data_cfg, train_cfg, tokenizer, dp_rank, dp_size)
@@ -225,9 +229,11 @@ def train(run_dir: Path) -> int:
             sync_shared_embedding(model, embed_group)
         for i, b in enumerate(batches if schedule is None else []):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
-            b = {k: v.to(device) for k, v in b.items()}
-            out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"],
-                        return_logits=False, reduction="sum")
+            if cp > 1:  # this rank's part of every sequence, and how to see the rest (trainer.context_parallel)
+                b = split_batch(b, cp, cp_rank, depth, pad_id)
+                b["cp"] = ContextParallel.for_batch(cp_group, b.pop("cp_index"))
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+            out = model(b.pop("input_ids"), return_logits=False, reduction="sum", **b)
             loss = out.lm_loss / max(counts[0], 1)
             if depth:
                 loss = loss + train_cfg.mtp_loss_weight * sum(out.mtp_loss[k] / max(counts[1 + k], 1) for k in range(depth)) / depth
@@ -248,7 +254,7 @@ def train(run_dir: Path) -> int:
             (loss_sum,) = _global_sum([lm_sum])
             loss_sum /= layout["tp"]
         else:
-            (loss_sum,) = _global_sum([lm_sum], meshes.dp_group)  # TP ranks hold the same loss: sum over DP only
+            (loss_sum,) = _global_sum([lm_sum], meshes.tokens_group)  # TP ranks hold the same loss: sum over DP x CP only
         (stop_votes,) = _global_sum([float(stop.requested)])  # every rank stops at the same step
         elapsed = time.perf_counter() - t0
         tokens = counts[0]

@@ -1,10 +1,11 @@
 """Apply the plan's layout to the model with torch.distributed: device mesh, expert parallel, FSDP2.
 
-Mesh: (pp, edp, ep, tp) with the data-parallel dimension dp = edp x ep (EP groups are consecutive
-ranks, i.e. inside a node). Dense parameters are FSDP-sharded over dp; routed experts are split over
-ep (a DTensor Shard(0) over the expert dimension, so checkpoints keep global shapes and reshard when
-EP changes) and FSDP-sharded over edp. Gradients are *summed* over the data-parallel ranks: the
-trainer divides the loss by the global token count itself, which makes any layout equal to one process.
+Mesh: (pp, edp, ep, cp, tp) with the data-parallel dimension dp = edp x ep (EP groups are consecutive
+ranks, i.e. inside a node; CP groups too, inside them TP). Dense parameters are FSDP-sharded over
+dp x cp (the ranks that hold different tokens); routed experts are split over ep (a DTensor Shard(0)
+over the expert dimension, so checkpoints keep global shapes and reshard when EP changes) and
+FSDP-sharded over edp x cp. Gradients are *summed* over those ranks: the trainer divides the loss by
+the global token count itself, which makes any layout equal to one process.
 
 Materialisation initialises each rank's shard from per-tensor (and per-expert) seeded generators, so
 the weights do not depend on the layout.
@@ -32,24 +33,34 @@ from trainer.expert_parallel import ExpertParallelDispatcher
 @dataclass
 class Meshes:
     world: DeviceMesh
-    dp: DeviceMesh
+    dp: DeviceMesh  # data parallel: ranks that read different batches
     ep: DeviceMesh
     edp: DeviceMesh
     tp: DeviceMesh
     pp: DeviceMesh
     pp_size: int = 1
+    cp: DeviceMesh | None = None  # context parallel: ranks that hold parts of the same sequences
+    dp_cp: DeviceMesh | None = None  # every rank with its own tokens: FSDP, loss and token counts, expert loads
+    edp_cp: DeviceMesh | None = None  # the replicas of an expert shard: its FSDP mesh
 
     @property
     def dp_group(self):
         return self.dp.get_group()
 
+    @property
+    def tokens_group(self):
+        """The ranks whose token counts, losses and expert loads add up to the step's (DP x CP)."""
+        return self.dp_cp.get_group()
 
-def build_meshes(device_type: str, pp: int, dp: int, ep: int, tp: int) -> Meshes:
+
+def build_meshes(device_type: str, pp: int, dp: int, ep: int, tp: int, cp: int = 1) -> Meshes:
     if dp % ep:
         raise ValueError(f"EP={ep} must divide DP={dp}")
-    world = init_device_mesh(device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
+    world = init_device_mesh(device_type, (pp, dp // ep, ep, cp, tp), mesh_dim_names=("pp", "edp", "ep", "cp", "tp"))
     dp_mesh = world["edp", "ep"]._flatten("dp")
-    return Meshes(world, dp_mesh, world["ep"], world["edp"], world["tp"], world["pp"], pp)
+    dp_cp = world["edp", "ep", "cp"]._flatten("dp_cp")
+    edp_cp = world["edp", "cp"]._flatten("edp_cp")
+    return Meshes(world, dp_mesh, world["ep"], world["edp"], world["tp"], world["pp"], pp, world["cp"], dp_cp, edp_cp)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -227,15 +238,16 @@ def _expert_fsdp_dim(p: nn.Parameter) -> Shard:
 
 
 def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: torch.dtype | None) -> None:
-    """FSDP2: experts over edp (sharded on dim 1, keeping whole experts per rank), each layer and the root over dp."""
+    """FSDP2: experts over edp x cp (sharded on dim 1, keeping whole experts per rank), each layer and the root
+    over dp x cp (CP ranks hold different tokens of the same sequences: their gradients add up like DP's)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     managed = []
     for layer in list(model.layers.values()) + list(model.mtp):
         if isinstance(layer.mlp, MoE):
-            managed.append(fully_shard(layer.mlp.experts, mesh=meshes.edp, mp_policy=mp, reshard_after_forward=True,
+            managed.append(fully_shard(layer.mlp.experts, mesh=meshes.edp_cp, mp_policy=mp, reshard_after_forward=True,
                                        shard_placement_fn=_expert_fsdp_dim))
-        managed.append(fully_shard(layer, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=True))
-    managed.append(fully_shard(model, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=False))
+        managed.append(fully_shard(layer, mesh=meshes.dp_cp, mp_policy=mp, reshard_after_forward=True))
+    managed.append(fully_shard(model, mesh=meshes.dp_cp, mp_policy=mp, reshard_after_forward=False))
     for m in managed:  # sum: the loss is already divided by the global token count
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
@@ -281,7 +293,7 @@ def set_parallel(model: nn.Module, device_type: str, layout: dict) -> Meshes:
     if layout["etp"] not in (1, layout["tp"]) or (layout["etp"] > 1 and layout["ep"] > 1):
         raise SystemExit(f"moe-launch: error: the native trainer splits experts either by EP or by TP (ETP=TP with EP=1); "
                          f"plan has EP={layout['ep']} ETP={layout['etp']} TP={layout['tp']}")
-    meshes = build_meshes(device_type, layout["pp"], layout["dp"], layout["ep"], layout["tp"])
+    meshes = build_meshes(device_type, layout["pp"], layout["dp"], layout["ep"], layout["tp"], layout.get("cp", 1))
     if layout["etp"] == 1:
         apply_expert_parallel(model, meshes)
     apply_tensor_parallel(model, meshes, layout["etp"], sp=bool(layout.get("sp")))
@@ -289,9 +301,9 @@ def set_parallel(model: nn.Module, device_type: str, layout: dict) -> Meshes:
 
 
 def dp_all_reduce(meshes: Meshes):
-    """A callable that sums a tensor over the data-parallel ranks (for counts and expert loads)."""
+    """A callable that sums a tensor over the ranks holding different tokens, DP x CP (counts, expert loads)."""
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        if meshes.dp.size() > 1:
-            dist.all_reduce(t, group=meshes.dp_group)
+        if meshes.dp_cp.size() > 1:
+            dist.all_reduce(t, group=meshes.tokens_group)
         return t
     return reduce

@@ -1,0 +1,66 @@
+"""Context parallelism for MLA (trainer.context_parallel): the split, and CP equal to one process with the
+classic mistakes caught. The whole trainer under CP (x DP, EP, TP+SP, MTP, resume) is in tests/test_trainer.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from model.transformer import IGNORE_INDEX, mtp_targets
+from trainer.context_parallel import chunk_index, split_batch
+
+
+def test_load_balanced_chunks_cover_the_sequence_once():
+    """Rank r holds chunks r and 2CP-1-r: every rank gets as many early (cheap) as late (costly) causal rows."""
+    for cp in (2, 4):
+        held = [chunk_index(32, cp, r) for r in range(cp)]
+        assert sorted(torch.cat(held).tolist()) == list(range(32))
+        assert held[0].tolist()[:32 // (2 * cp)] == list(range(32 // (2 * cp)))  # rank 0: the first chunk ...
+        assert held[0].tolist()[-1] == 31  # ... and the last
+        work = [int((h + 1).sum()) for h in held]  # keys each rank's queries see under the causal mask
+        assert len(set(work)) == 1
+    with pytest.raises(ValueError, match="multiple of 2 x CP = 4"):
+        chunk_index(30, 2, 0)
+
+
+def test_split_takes_everything_from_the_whole_sequence():
+    """Positions, segments and the MTP inputs/targets (k tokens ahead, never across a document) are sliced from
+    the whole sequence; a length the chunks cannot take is padded with ignored labels in a segment of its own."""
+    ids = torch.arange(10, 40).view(1, 30)
+    seg = torch.tensor([[0] * 7 + [1] * 23])
+    pos = torch.cat([torch.arange(7), torch.arange(23)]).view(1, 30)
+    labels = torch.roll(ids, -1, 1).masked_fill(torch.roll(seg, -1, 1) != seg, IGNORE_INDEX)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg}
+    parts = [split_batch(batch, 2, r, mtp_depth=1, pad_id=0) for r in range(2)]
+    assert all(p["input_ids"].shape == (1, 16) for p in parts)  # 30 padded to 32
+    index = torch.cat([p["cp_index"] for p in parts])
+    order = index.argsort()
+    whole = {k: torch.cat([p[k] for p in parts], 1)[:, order] for k in ("input_ids", "labels", "position_ids", "segment_ids")}
+    assert whole["input_ids"][0, :30].tolist() == ids[0].tolist() and whole["input_ids"][0, 30:].tolist() == [0, 0]
+    assert whole["labels"][0, 30:].tolist() == [IGNORE_INDEX] * 2 and whole["segment_ids"][0, 30:].tolist() == [-1, -1]
+    assert whole["position_ids"][0, :30].tolist() == pos[0].tolist()  # global (per document) positions, not local
+    mtp = torch.cat([p["mtp_labels"][0] for p in parts], 1)[:, order]
+    assert mtp[0, :30].tolist() == mtp_targets(labels, seg, 1)[0][0].tolist()
+    ahead = torch.cat([p["mtp_inputs"][0] for p in parts], 1)[:, order]
+    assert ahead[0, :29].tolist() == ids[0, 1:].tolist()
+
+
+def test_cp2_equals_one_process_and_the_classic_mistakes_do_not():
+    """Two CP ranks (gloo) against one process on the same weights and packed batch (documents crossing the
+    chunks, MTP on): loss and every parameter gradient equal; each classic mistake moves the gradients far
+    beyond that: RoPE on local positions, a gather without backward for the other ranks' parts, no document
+    mask on gathered keys, a loss normalised per rank with averaged gradients."""
+    modes = ["correct", "local_positions", "detached_gather", "no_document_mask", "local_mean_loss"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(ROOT / "tests" / "cp_worker.py"), *modes], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    got = {r["mode"]: r for r in (json.loads(ln[7:]) for ln in res.stdout.splitlines() if ln.startswith("RESULT "))}
+    assert set(got) == set(modes)
+    assert got["correct"]["loss_diff"] <= 2e-6 and got["correct"]["grad_diff"] <= 1e-6, got["correct"]
+    for mode in modes[1:]:
+        assert got[mode]["grad_diff"] >= 1e-4, got[mode]  # >= 100x the correct run's error
