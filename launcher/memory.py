@@ -110,6 +110,10 @@ def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompu
     else:
         low_rank = (3 * m.q_lora_rank if m.q_lora_rank else 0) + (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * m.kv_lora_rank
         attn = 3 * h / tsp + low_rank + H * (m.qk_nope_head_dim + m.v_head_dim) / t + 4 * H * m.qk_head_dim / t
+        # context parallel: keys and values come from the whole sequence (CP x the local tokens): the gathered
+        # latent and rope key, their kv_b expansion, and k and v (v padded) for each of the other CP ranks' tokens
+        attn += (lay.cp - 1) * ((m.kv_lora_rank + m.qk_rope_head_dim) + H * (m.qk_nope_head_dim + m.v_head_dim) / t
+                                + 2 * H * m.qk_head_dim / t)
     mlp_in = 3 * h / tsp  # post-attention norm: input, normalised, weighted
     if m.is_moe_layer(layer):
         shared = 4 * m.n_shared_experts * m.moe_intermediate_size / t
@@ -281,6 +285,8 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
             dense_act, routed_act = dense_act + d, routed_act + e
         flight = in_flight(par.pp_schedule, lay.pp, lay.vpp, r, micro)
         items.append(("activations", (dense_act + routed_act) * tokens * 2 * flight))
+        if lay.cp > 1 and recipe.backend.name == "native":  # local queries x all keys, one boolean per pair
+            items.append(("cp attention mask", tokens * recipe.data.seq_length * flight))
         items.append(("routing imbalance margin", routed_act * tokens * 2 * flight * ROUTING_IMBALANCE))
         if r == last:
             heads = 1 + m.num_nextn_predict_layers

@@ -73,13 +73,21 @@ def summary(recipe: Recipe, recipe_file: str, profile: ClusterProfile, pre: Pref
         f"step     {plan['batch']['global']} x {recipe.data.seq_length} tokens, {plan['batch']['microbatches_per_step']} micro-batches per DP rank; "
         f"~{c['est_step_seconds']:.3g} s/step at {c['assumed_mfu']:.0%} MFU" + (f", ~{_si(c['est_tokens_per_day'])} tokens/day" if c["est_tokens_per_day"] else ""),
     ]
+    if lay.cp > 1 and recipe.backend.name == "native":
+        from launcher.comm import cp_attention_bytes
+
+        b = cp_attention_bytes(m, recipe.data.seq_length, lay.cp, lay.tp, recipe.train.micro_batch_size,
+                               2 if recipe.train.precision == "bf16" else 4)
+        lines.append(f"cp comm  per layer and micro-batch each rank receives {b.latent_forward / 2**20:,.1f} MiB of latent (all-gather) "
+                     f"and as much in gradients (reduce-scatter); ring attention over K/V would move {b.ring / 2**20:,.0f} MiB "
+                     f"({b.ratio:.0f}x)")
     lines += [f"warning  {w}" for w in plan["warnings"]]
     return lines
 
 
 # ----------------------------------------------------------------------------- `launch plan`
 SHORT = {"weights": "weights", "grads": "grads", "optimizer": "optim", "fsdp gather buffers": "fsdp",
-         "activations": "activ", "routing imbalance margin": "imbal", "logits": "logits", "comm buffers": "comm",
+         "activations": "activ", "cp attention mask": "cpmask", "routing imbalance margin": "imbal", "logits": "logits", "comm buffers": "comm",
          "cuda context": "cuda"}
 
 

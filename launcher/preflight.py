@@ -107,6 +107,8 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
             E("parallel.etp", f"ETP={etp} must divide model.moe_intermediate_size {m.moe_intermediate_size}")
         if dp and ep * etp > gpn and (world // pp) % (ep * etp) == 0 and not errs:
             W("parallel.ep", f"EP*ETP = {ep * etp} spans nodes ({gpn} GPUs per node): expert all-to-all crosses the network")
+    if cp > 1 and tp * cp > gpn:
+        W("parallel.cp", f"TP*CP = {tp * cp} spans nodes ({gpn} GPUs per node): each layer's latent all-gather crosses the network")
 
     # layers across pipeline stages
     stages = pp * vpp
@@ -134,11 +136,13 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         E("train.global_batch_size", f"{train.global_batch_size} is not divisible by micro batch {mb} x DP {dp} = {step}; try {' or '.join(map(str, near))}")
     elif dp and par.pp_schedule == "interleaved_1f1b" and pp > 1 and (train.global_batch_size // (mb * dp)) % pp:
         E("train.global_batch_size", f"the interleaved schedule needs the micro-batch count ({train.global_batch_size // (mb * dp)}) divisible by PP {pp}")
-    sp_tp = tp if par.sp and tp > 1 else 1
-    need = sp_tp * (2 * cp if cp > 1 else 1)  # CP: 2 x CP balanced chunks; SP: each split again over TP
+    # CP: 2 x CP balanced chunks; SP (and the native trainer's CP gather under TP): each split again over TP
+    sp_tp = tp if tp > 1 and (par.sp or (cp > 1 and recipe.backend.name == "native")) else 1
+    need = sp_tp * (2 * cp if cp > 1 else 1)
     if data.seq_length % need:
         what = " x ".join([f"TP {tp}"] * (sp_tp > 1) + [f"2*CP = {2 * cp}"] * (cp > 1))
-        why = ", ".join(["sequence parallel"] * (sp_tp > 1) + ["load-balanced causal context parallel"] * (cp > 1))
+        why = ", ".join(["sequence parallel" if par.sp else "the latent gather split over TP"] * (sp_tp > 1)
+                        + ["load-balanced causal context parallel"] * (cp > 1))
         lower = data.seq_length // need * need
         near = " or ".join(str(n) for n in (lower, lower + need) if n)
         E("data.seq_length", f"{data.seq_length} must be divisible by {what}{f' = {need}' if sp_tp > 1 and cp > 1 else ''} "

@@ -66,6 +66,8 @@ def _cross_node(lay, gpn: int) -> tuple[str, ...]:
     out = []
     if lay.tp > gpn:
         out.append("TP")
+    if lay.cp > 1 and lay.tp * lay.cp > gpn:  # CP groups are the next ranks out from TP: inside a node if they fit
+        out.append("CP")
     if lay.ep * lay.etp > gpn and lay.ep > 1:
         out.append("EP")
     return tuple(out)
@@ -77,7 +79,7 @@ def _shapes(recipe: Recipe, profile: ClusterProfile, world: int, frugal: bool):
     m, gpn = recipe.model, profile.gpus_per_node
     native = recipe.backend.name == "native"
     tps = [d for d in divisors(gpn) if m.num_attention_heads % d == 0]
-    cps = [1] if native else [c for c in (1, 2, 4, 8) if recipe.data.seq_length % (2 * c) == 0 or c == 1]
+    cps = [c for c in (1, 2, 4, 8) if recipe.data.seq_length % (2 * c) == 0 or c == 1]
     experts = divisors(m.n_routed_experts) if m.n_routed_experts else [1]
     for tp in tps:
         for cp in cps:
@@ -86,6 +88,8 @@ def _shapes(recipe: Recipe, profile: ClusterProfile, world: int, frugal: bool):
             for pp in divisors(world // (tp * cp)):
                 if pp > m.num_hidden_layers:
                     break
+                if native and cp > 1 and pp > 1:  # the native trainer does not combine CP and PP
+                    continue
                 dp = world // (tp * cp * pp)
                 vpps = [1] if frugal or pp == 1 else [v for v in (1, 2, 3, 4) if pp * v <= m.num_hidden_layers]
                 for ep in ([max(e for e in experts if (tp * cp * dp) % e == 0 and (not native or dp % e == 0))] if frugal else experts):
@@ -133,11 +137,13 @@ def fewest_nodes(recipe: Recipe, profile: ClusterProfile, max_nodes: int = 1024)
     samples = t.global_batch_size // t.micro_batch_size if t.global_batch_size % t.micro_batch_size == 0 else 0
     dps = [d for d in divisors(samples)] if samples else []
     tps = [d for d in divisors(gpn) if m.num_attention_heads % d == 0]
-    cps = [1] if native else [c for c in (1, 2, 4, 8) if c == 1 or recipe.data.seq_length % (2 * c) == 0]
+    cps = [c for c in (1, 2, 4, 8) if c == 1 or recipe.data.seq_length % (2 * c) == 0]
     experts = divisors(m.n_routed_experts) if m.n_routed_experts else [1]
     for tp in tps:
         for cp in cps:
             for pp in range(1, m.num_hidden_layers + 1):
+                if native and cp > 1 and pp > 1:  # the native trainer does not combine CP and PP
+                    break
                 # DP values that make whole nodes, within the node budget, smallest first
                 ok = [d for d in dps if (tp * cp * pp * d) % gpn == 0 and tp * cp * pp * d <= max_nodes * gpn]
                 if best is not None:
@@ -149,13 +155,14 @@ def fewest_nodes(recipe: Recipe, profile: ClusterProfile, max_nodes: int = 1024)
                     nodes = tp * cp * pp * dp // gpn
                     eps = [e for e in experts if (tp * cp * dp) % e == 0 and (not native or dp % e == 0)]
                     ep = max(eps) if eps else 1
-                    etp = tp if ep == 1 else 1
                     r = variant(recipe, tp, 1, "full")
                     prof = dataclasses.replace(profile, nodes=nodes)
-                    pre = check_layout(r, prof, tp, pp, 1, cp, ep, etp)
-                    if not pre.ok or pre.memory.verdict != "fits":  # "at risk" is not a plan
-                        return None
-                    return Candidate(pre, "full", _cross_node(pre.layout, gpn), step_seconds(r, prof, pre, "full", flops))
+                    # experts split by EP (the most DP allows), or by TP: whichever fits (EP replicates them over TP)
+                    for ep_, etp in ([(ep, 1), (1, tp)] if ep > 1 and tp > 1 else [(ep, tp if ep == 1 else 1)]):
+                        pre = check_layout(r, prof, tp, pp, 1, cp, ep_, etp)
+                        if pre.ok and pre.memory.verdict == "fits":  # "at risk" is not a plan
+                            return Candidate(pre, "full", _cross_node(pre.layout, gpn), step_seconds(r, prof, pre, "full", flops))
+                    return None
 
                 # memory is non-increasing in DP: binary search the smallest DP that fits
                 lo, hi, found = 0, len(ok) - 1, None

@@ -37,7 +37,8 @@ def suggestions(recipe: Recipe, recipe_path: Path, profile: ClusterProfile) -> l
     if found and (n is None or found[0] < n) and found[0] > profile.nodes:
         lay = found[1].layout
         out.append(f"with another layout it fits on {found[0]} nodes: parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.ep={lay.ep} "
-                   f"parallel.etp={lay.etp} parallel.recompute={found[1].recompute} (launch plan --search lists them all)")
+                   f"parallel.etp={lay.etp}{f' parallel.cp={lay.cp}' if lay.cp > 1 else ''} parallel.recompute={found[1].recompute} "
+                   "(launch plan --search lists them all)")
     for name in cluster.available():
         if name == profile.name:
             continue

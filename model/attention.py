@@ -73,8 +73,8 @@ class MLA(nn.Module):
         latent and the rotated shared key (what MLA's K/V come from, ~70x smaller than K/V) are gathered
         from every CP rank, and the local queries attend to all of them under ``mask`` [B, 1, S, S_all]."""
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
-        if self.shared_key_hook is not None:
-            k_rope = self.shared_key_hook(k_rope)
         if cp is not None:
             latent, k_rope = cp.gather(latent, 1), cp.gather(k_rope, 2)
+        if self.shared_key_hook is not None:  # after the gather: its gradient arrives summed over TP, as the latent's
+            k_rope = self.shared_key_hook(k_rope)
         return self.attend(q_nope, q_rope, latent, k_rope, mask)

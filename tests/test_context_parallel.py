@@ -64,3 +64,12 @@ def test_cp2_equals_one_process_and_the_classic_mistakes_do_not():
     assert got["correct"]["loss_diff"] <= 2e-6 and got["correct"]["grad_diff"] <= 1e-6, got["correct"]
     for mode in modes[1:]:
         assert got[mode]["grad_diff"] >= 1e-4, got[mode]  # >= 100x the correct run's error
+
+
+def test_cp_comm_benchmark_counts_equal_the_planners_formula():
+    """benchmarks/cp_comm.py: DeepSeek-V3's bytes per layer vs ring attention (>= 50x fewer), and the bytes counted
+    on gloo under CP2 and CP2 x TP2 equal to launcher/comm.py's formula (the one `launch plan` prints)."""
+    res = subprocess.run([sys.executable, "benchmarks/cp_comm.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "target >= 50x fewer bytes than ring attention: met" in res.stdout
+    assert res.stdout.count(": equal") == 2

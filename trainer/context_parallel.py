@@ -66,6 +66,50 @@ def split_batch(batch: dict, cp: int, rank: int, mtp_depth: int, pad_id: int = 0
     return out
 
 
+class _GatherSequenceTP(torch.autograd.Function):
+    """The same gather when the tensor is replicated over TP ranks (MLA's latent under tensor parallelism):
+    each TP rank sends only its 1/TP slice of its tokens over CP, then the slices are all-gathered inside the
+    TP group (a node), so the CP traffic per rank is 1/TP of the plain gather's. The incoming gradient is the
+    same on every TP rank (summed over heads by TP's column-parallel kv_b_proj and the shared-key hook):
+    backward reduce-scatters this rank's slice over CP, then all-gathers the slices over TP."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group, tp_group) -> torch.Tensor:
+        cp, tp = dist.get_world_size(group), dist.get_world_size(tp_group)
+        ctx.dim, ctx.group, ctx.tp_group, ctx.cp, ctx.tp = dim, group, tp_group, cp, tp
+        ctx.cp_rank, ctx.tp_rank = dist.get_rank(group), dist.get_rank(tp_group)
+        part = x.chunk(tp, dim=dim)[ctx.tp_rank].contiguous()
+        by_cp = torch.cat(_all_gather(part, group), dim=dim)  # [cp x slice t]
+        by_tp = _all_gather(by_cp, tp_group)  # tp of them: [cp x slice t'] for every t'
+        pieces = [p.chunk(cp, dim=dim) for p in by_tp]  # pieces[t'][c]
+        return torch.cat([pieces[t][c] for c in range(cp) for t in range(tp)], dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cp, tp, dim = ctx.cp, ctx.tp, ctx.dim
+        blocks = grad.contiguous().chunk(cp * tp, dim=dim)  # (c, t) in CP-major order
+        mine = [blocks[c * tp + ctx.tp_rank].contiguous() for c in range(cp)]  # slice t of every CP rank's tokens
+        summed = _reduce_scatter(mine, ctx.group)  # this CP rank's slice t, summed over CP
+        return torch.cat(_all_gather(summed, ctx.tp_group), dim=dim), None, None, None
+
+
+def _all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def _reduce_scatter(chunks: list[torch.Tensor], group) -> torch.Tensor:
+    """Sum ``chunks[r]`` over the group into rank r (all-reduce + take where the backend has no reduce-scatter)."""
+    if dist.get_backend(group) == "nccl":
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, group=group)
+        return out
+    whole = torch.stack(chunks)
+    dist.all_reduce(whole, group=group)
+    return whole[dist.get_rank(group)].contiguous()
+
+
 class _GatherSequence(torch.autograd.Function):
     """All-gather along ``dim`` over the CP group (ranks in order); backward: this rank's slice of the
     summed gradients (a reduce-scatter; all-reduce + slice where the backend has no reduce-scatter)."""
@@ -74,20 +118,11 @@ class _GatherSequence(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dim: int, group) -> torch.Tensor:
         ctx.dim, ctx.group = dim, group
         ctx.size, ctx.rank = dist.get_world_size(group), dist.get_rank(group)
-        parts = [torch.empty_like(x) for _ in range(ctx.size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=dim)
+        return torch.cat(_all_gather(x, group), dim=dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
-            chunks = [c.contiguous() for c in grad.chunk(ctx.size, dim=ctx.dim)]
-            out = torch.empty_like(chunks[0])
-            dist.reduce_scatter(out, chunks, group=ctx.group)
-            return out, None, None
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(ctx.size, dim=ctx.dim)[ctx.rank].contiguous(), None, None
+        return _reduce_scatter([c.contiguous() for c in grad.chunk(ctx.size, dim=ctx.dim)], ctx.group), None, None
 
 
 @dataclass
@@ -99,12 +134,17 @@ class ContextParallel:
     index: torch.Tensor  # [S_local] global token positions of this rank's tokens
     all_index: torch.Tensor  # [S_global] global positions of the gathered tokens, in gather order
     size: int = 1
+    tp_group: object = None  # set under tensor parallelism: gathered tensors are replicated over TP
 
     @classmethod
-    def for_batch(cls, group, index: torch.Tensor) -> "ContextParallel":
-        return cls(group, index, gather_constant(index, 0, group), dist.get_world_size(group))
+    def for_batch(cls, group, index: torch.Tensor, tp_group=None) -> "ContextParallel":
+        tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+        return cls(group, index, gather_constant(index, 0, group), dist.get_world_size(group), tp_group)
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """All-gather along ``dim`` over CP, autograd-aware (a TP-replicated tensor: 1/TP of it over CP each)."""
+        if self.tp_group is not None:
+            return _GatherSequenceTP.apply(x, dim, self.group, self.tp_group)
         return _GatherSequence.apply(x, dim, self.group)
 
     def gather_constant(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -118,6 +158,4 @@ class ContextParallel:
 
 
 def gather_constant(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(_all_gather(x, group), dim=dim)

@@ -231,7 +231,7 @@ def train(run_dir: Path) -> int:
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
             if cp > 1:  # this rank's part of every sequence, and how to see the rest (trainer.context_parallel)
                 b = split_batch(b, cp, cp_rank, depth, pad_id)
-                b["cp"] = ContextParallel.for_batch(cp_group, b.pop("cp_index"))
+                b["cp"] = ContextParallel.for_batch(cp_group, b.pop("cp_index"), meshes.tp.get_group())
             b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
             out = model(b.pop("input_ids"), return_logits=False, reduction="sum", **b)
             loss = out.lm_loss / max(counts[0], 1)
