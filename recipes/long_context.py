@@ -16,7 +16,7 @@ def recipe() -> Recipe:
     return Recipe(
         name="dsv3-lora-64k",
         model=deepseek_v3(),
-        parallel=Parallel(tp=8, sp=True, cp=8, pp=1, ep=1, recompute="full"),
+        parallel=Parallel(tp=8, sp=True, cp=4, pp=1, ep=1, recompute="full"),
         data=Data(kind="sft", path="/data/sft-long", template="chatml", answer_only_loss=True,
                   seq_length=65536, packing=True, tokenizer="/checkpoints/deepseek-v3-bf16"),
         train=Train(global_batch_size=8, micro_batch_size=1, max_steps=500, lr=1e-4, min_lr=1e-5,
