@@ -147,9 +147,6 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         near = " or ".join(str(n) for n in (lower, lower + need) if n)
         E("data.seq_length", f"{data.seq_length} must be divisible by {what}{f' = {need}' if sp_tp > 1 and cp > 1 else ''} "
                              f"({why}); nearest valid: {near}")
-    if cp > 1 and pp > 1 and recipe.backend.name == "native":
-        E("parallel.cp", f"CP={cp} with PP={pp}: the native trainer does not combine context and pipeline parallelism yet; "
-                         "use parallel.pp=1 or backend.name=nemo")
     if data.seq_length > m.max_position_embeddings:
         W("data.seq_length", f"{data.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}")
 

@@ -88,8 +88,6 @@ def _shapes(recipe: Recipe, profile: ClusterProfile, world: int, frugal: bool):
             for pp in divisors(world // (tp * cp)):
                 if pp > m.num_hidden_layers:
                     break
-                if native and cp > 1 and pp > 1:  # the native trainer does not combine CP and PP
-                    continue
                 dp = world // (tp * cp * pp)
                 vpps = [1] if frugal or pp == 1 else [v for v in (1, 2, 3, 4) if pp * v <= m.num_hidden_layers]
                 for ep in ([max(e for e in experts if (tp * cp * dp) % e == 0 and (not native or dp % e == 0))] if frugal else experts):
@@ -142,8 +140,6 @@ def fewest_nodes(recipe: Recipe, profile: ClusterProfile, max_nodes: int = 1024)
     for tp in tps:
         for cp in cps:
             for pp in range(1, m.num_hidden_layers + 1):
-                if native and cp > 1 and pp > 1:  # the native trainer does not combine CP and PP
-                    break
                 # DP values that make whole nodes, within the node budget, smallest first
                 ok = [d for d in dps if (tp * cp * pp * d) % gpn == 0 and tp * cp * pp * d <= max_nodes * gpn]
                 if best is not None:

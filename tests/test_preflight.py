@@ -72,7 +72,6 @@ def test_min_nodes_for_full_ft():
     (["parallel.vpp=2"], "parallel.vpp", "needs pipeline parallelism"),
     (["parallel.pp_schedule=interleaved_1f1b"], "parallel.vpp", "needs VPP >= 2"),
     (["parallel.cp=2", "data.seq_length=126", "parallel.ep=1"], "data.seq_length", "2*CP"),
-    (["parallel.cp=2", "parallel.ep=1", "parallel.pp=2"], "parallel.cp", "does not combine context and pipeline parallelism yet"),
     (["parallel.cp=2", "parallel.ep=1", "data.seq_length=126"], "data.seq_length", "nearest valid: 124 or 128"),
     (["parallel.dp=4"], "parallel.dp", "gives DP=2"),
     (["peft.method=lora", "peft.targets=[q_proj,wq]"], "peft.targets", "valid: kv_a_proj_with_mqa"),

@@ -71,6 +71,7 @@ def reference(env):
     ("cp2-dp2", 4, ["parallel.cp=2", "parallel.ep=1"]),
     ("cp2-ep2", 4, ["parallel.cp=2", "parallel.ep=2"]),
     ("cp2-tp2-sp", 4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=1"]),
+    ("cp2-pp2-mtp", 4, ["parallel.cp=2", "parallel.pp=2", "parallel.ep=1"]),
 ])
 def test_parallel_layout_equals_single_process(trained, reference, name, procs, overrides):
     run = trained(name, procs, *overrides)

@@ -74,6 +74,15 @@ def load_weights(model, path: str, fmt: str, peft, partial: bool = False) -> tup
     return checkpoint.load_start_weights(model, path, peft)
 
 
+def on_device(b: dict, device) -> dict:
+    """A micro-batch's tensors (and lists of tensors: the MTP inputs under CP) on ``device``."""
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device)
+        return [t.to(device) for t in v] if isinstance(v, list) else v
+    return {k: move(v) for k, v in b.items()}
+
+
 def _global_sum(values: list[float], group=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=group)
@@ -114,8 +123,6 @@ def train(run_dir: Path) -> int:
     if world != expected:
         raise SystemExit(f"moe-launch: error: {world} ranks started, the plan needs {expected}")
     cp = layout.get("cp", 1)
-    if cp > 1 and layout["pp"] > 1:
-        raise SystemExit("moe-launch: error: the native trainer does not combine context and pipeline parallelism yet")
     stop = StopFlag()
     # which node each rank runs on (SLURMD_NODENAME under Slurm: emulated nodes share a hostname)
     nodes: list = [None] * world
@@ -176,10 +183,18 @@ def train(run_dir: Path) -> int:
     loader = build_train_loader(data_cfg, train_cfg, tokenizer, dp_rank, dp_size)
     n_micro = loader.micro_batches_per_step
     schedule = build_schedule(stages, pp * layout["vpp"], n_micro, recipe.parallel.pp_schedule, device, meshes.pp.get_group(),
-                              pipeline_loss, train_cfg.micro_batch_size, data_cfg.seq_length,
+                              pipeline_loss, train_cfg.micro_batch_size, data_cfg.seq_length // cp,
                               torch.bfloat16 if bf16 else torch.float32,
-                              data_cfg.seq_length // layout["tp"] if layout["sp"] else None) if pp > 1 else None
+                              data_cfg.seq_length // cp // layout["tp"] if layout["sp"] else None) if pp > 1 else None
     AuxLossGrad.scale = train_cfg.micro_batch_size / train_cfg.global_batch_size  # mean over all micro-batches
+
+    def this_rank_part(b: dict) -> dict:
+        """Under CP: this rank's part of every sequence, and how to see the rest (trainer.context_parallel)."""
+        if cp == 1:
+            return b
+        b = split_batch(b, cp, cp_rank, depth, pad_id)
+        b["cp"] = ContextParallel.for_batch(cp_group, b.pop("cp_index"), meshes.tp.get_group())
+        return b
 
     start = 0
     log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0, data_cfg.seq_length * train_cfg.global_batch_size)
@@ -219,7 +234,7 @@ def train(run_dir: Path) -> int:
         counts = _global_sum(local, meshes.dp_group)
         lm_sum = 0.0
         if schedule is not None:
-            side = [{k: v.to(device) for k, v in b.items()} for b in batches]
+            side = [on_device(this_rank_part(b), device) for b in batches]
             for _, m in stages:
                 m.begin_step(side, counts)
             inputs = (torch.cat([b["input_ids"] for b in side]),) if has_first else ()
@@ -229,10 +244,7 @@ def train(run_dir: Path) -> int:
             sync_shared_embedding(model, embed_group)
         for i, b in enumerate(batches if schedule is None else []):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
-            if cp > 1:  # this rank's part of every sequence, and how to see the rest (trainer.context_parallel)
-                b = split_batch(b, cp, cp_rank, depth, pad_id)
-                b["cp"] = ContextParallel.for_batch(cp_group, b.pop("cp_index"), meshes.tp.get_group())
-            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+            b = on_device(this_rank_part(b), device)
             out = model(b.pop("input_ids"), return_logits=False, reduction="sum", **b)
             loss = out.lm_loss / max(counts[0], 1)
             if depth:

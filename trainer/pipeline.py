@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from launcher.layout import split_layers
-from model.transformer import DeepseekV3, causal_lm_loss, mtp_targets, segment_mask
+from model.transformer import DeepseekV3, causal_lm_loss, context_parallel_mask, mtp_targets, segment_mask
 
 
 class StageModule(nn.Module):
@@ -49,10 +49,13 @@ class StageModule(nn.Module):
         self._next += 1
         h = self.embed_tokens(x) if self.first else x
         cos, sin = self.rope(b["position_ids"], h.dtype)
-        segments = b["segment_ids"]
-        mask = segment_mask(segments) if segments is not None else None
+        segments, cp = b["segment_ids"], b.get("cp")  # cp: this micro-batch's context parallelism (or None)
+        if cp is not None:
+            mask = context_parallel_mask(cp, segments, x.shape[0])
+        else:
+            mask = segment_mask(segments) if segments is not None else None
         for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, cp=cp)
         if not self.last:
             return h
         h = self.norm(h)
@@ -61,8 +64,10 @@ class StageModule(nn.Module):
         loss = lm_sum / max(self.counts[0], 1)
         if len(self.mtp):
             depth = len(self.mtp)
-            for k, (module, target) in enumerate(zip(self.mtp, mtp_targets(b["labels"], segments, depth)), start=1):
-                h = module(h, self.embed_tokens(torch.roll(b["input_ids"], -k, dims=1)), cos, sin, mask)
+            targets = b["mtp_labels"] if cp is not None else mtp_targets(b["labels"], segments, depth)
+            for k, (module, target) in enumerate(zip(self.mtp, targets), start=1):
+                ahead = b["mtp_inputs"][k - 1] if cp is not None else torch.roll(b["input_ids"], -k, dims=1)
+                h = module(h, self.embed_tokens(ahead), cos, sin, mask, cp=cp)
                 loss = loss + self.mtp_weight / depth * causal_lm_loss(self.lm_head(h), target, "sum") / max(self.counts[k], 1)
         return loss
 
