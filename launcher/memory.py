@@ -91,6 +91,9 @@ def lora_params(m: ModelConfig, layers: list[int], targets: list[str], rank: int
     return sum(rank * (i + o) for L in layers for name, shapes in _lora_shapes(m, L).items() if name in targets for i, o in shapes)
 
 
+CP_SCORE_CHUNK_BYTES = 2**30  # model.chunked_attention.SCORE_BUDGET_BYTES (torch-free copy; a test keeps them equal)
+
+
 def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompute: str) -> tuple[float, float]:
     """(dense part, MoE routed part) of the elements one layer keeps for backward per token, counted from
     what the model saves (tests/test_planner.py measures it with saved-tensor hooks): each RMSNorm keeps
@@ -285,8 +288,8 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
             dense_act, routed_act = dense_act + d, routed_act + e
         flight = in_flight(par.pp_schedule, lay.pp, lay.vpp, r, micro)
         items.append(("activations", (dense_act + routed_act) * tokens * 2 * flight))
-        if lay.cp > 1 and recipe.backend.name == "native":  # local queries x all keys, one boolean per pair
-            items.append(("cp attention mask", tokens * recipe.data.seq_length * flight))
+        if lay.cp > 1 and recipe.backend.name == "native":  # one chunk's scores and probabilities (model.chunked_attention)
+            items.append(("cp attention chunk", CP_SCORE_CHUNK_BYTES))
         items.append(("routing imbalance margin", routed_act * tokens * 2 * flight * ROUTING_IMBALANCE))
         if r == last:
             heads = 1 + m.num_nextn_predict_layers

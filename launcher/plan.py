@@ -87,7 +87,7 @@ def summary(recipe: Recipe, recipe_file: str, profile: ClusterProfile, pre: Pref
 
 # ----------------------------------------------------------------------------- `launch plan`
 SHORT = {"weights": "weights", "grads": "grads", "optimizer": "optim", "fsdp gather buffers": "fsdp",
-         "activations": "activ", "cp attention mask": "cpmask", "routing imbalance margin": "imbal", "logits": "logits", "comm buffers": "comm",
+         "activations": "activ", "cp attention chunk": "cpattn", "routing imbalance margin": "imbal", "logits": "logits", "comm buffers": "comm",
          "cuda context": "cuda"}
 
 

@@ -67,14 +67,30 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cp=None) -> torch.Tensor:
-        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S_k] (True = attend).
+        """x [B, S, H]; mask: None (causal) or a boolean [B, 1, S, S] (True = attend).
 
         ``cp`` (context parallelism, trainer.context_parallel): x is this rank's part of the sequence; the
         latent and the rotated shared key (what MLA's K/V come from, ~70x smaller than K/V) are gathered
-        from every CP rank, and the local queries attend to all of them under ``mask`` [B, 1, S, S_all]."""
+        from every CP rank, and the local queries attend to all of them (:meth:`attend_long`; ``mask`` unused)."""
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
         if cp is not None:
             latent, k_rope = cp.gather(latent, 1), cp.gather(k_rope, 2)
         if self.shared_key_hook is not None:  # after the gather: its gradient arrives summed over TP, as the latent's
             k_rope = self.shared_key_hook(k_rope)
+        if cp is not None:
+            return self.attend_long(q_nope, q_rope, latent, k_rope, cp)
         return self.attend(q_nope, q_rope, latent, k_rope, mask)
+
+    def attend_long(self, q_nope, q_rope, latent, k_rope, cp) -> torch.Tensor:
+        """Under CP: local queries over every rank's keys, in chunks with an online softmax
+        (model.chunked_attention): no scores of the whole sequence and no mask in memory; the masks come
+        chunk by chunk from ``cp``'s global positions and segment ids."""
+        from model.chunked_attention import ChunkedAttention
+
+        b, s_k, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, s_k, -1, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+        out = ChunkedAttention.apply(q, k, v.contiguous(), cp.index, cp.all_index, cp.segments, cp.all_segments, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))

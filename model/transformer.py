@@ -89,14 +89,11 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
-def context_parallel_mask(cp, segment_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """The mask of this CP rank's queries over the gathered keys, [B, 1, S_local, S_all]: causal by global
-    position, and within the same packed sequence (segment ids gathered from every CP rank)."""
-    causal = cp.all_index[None, :] <= cp.index[:, None]
-    if segment_ids is None:
-        return causal[None, None].expand(batch, 1, -1, -1)
-    every = cp.gather_constant(segment_ids, 1)
-    return (causal[None] & (segment_ids[:, :, None] == every[:, None, :]))[:, None]
+def context_parallel_mask(cp, segment_ids: torch.Tensor | None) -> None:
+    """Under CP there is no whole mask: attention builds it chunk by chunk (model.chunked_attention) from the
+    global positions and the segment ids, which are gathered here once per micro-batch."""
+    cp.set_segments(segment_ids)
+    return None
 
 
 class DeepseekV3(nn.Module):
@@ -130,7 +127,7 @@ class DeepseekV3(nn.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         if cp is not None:
-            mask = context_parallel_mask(cp, segment_ids, b)
+            mask = context_parallel_mask(cp, segment_ids)
         else:
             mask = segment_mask(segment_ids) if segment_ids is not None else None
         for layer in self.layers.values():

@@ -73,3 +73,30 @@ def test_cp_comm_benchmark_counts_equal_the_planners_formula():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "target >= 50x fewer bytes than ring attention: met" in res.stdout
     assert res.stdout.count(": equal") == 2
+
+
+def test_chunked_attention_equals_sdpa_with_the_whole_mask(monkeypatch):
+    """The online-softmax attention CP uses (model.chunked_attention), with chunks smaller than the documents and
+    queries at global positions far apart: output and gradients equal SDPA with the whole causal + document mask.
+    Its memory budget is the one the planner counts."""
+    import torch.nn.functional as F
+
+    from launcher.memory import CP_SCORE_CHUNK_BYTES
+    from model import chunked_attention as C
+
+    assert C.SCORE_BUDGET_BYTES == CP_SCORE_CHUNK_BYTES
+    monkeypatch.setattr(C, "chunk_size", lambda b, h, q, k: 5)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 8, 12, generator=g), torch.randn(2, 3, 32, 12, generator=g)
+    v = torch.randn(2, 3, 32, 8, generator=g)
+    for t in (q, k, v):
+        t.requires_grad_()
+    q_pos, k_pos = torch.tensor([0, 1, 2, 3, 28, 29, 30, 31]), torch.arange(32)
+    seg = torch.tensor([[0] * 11 + [1] * 21, [0] * 30 + [1] * 2])
+    out = C.ChunkedAttention.apply(q, k, v, q_pos, k_pos, seg[:, q_pos], seg, 0.3)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & (seg[:, q_pos][:, None, :, None] == seg[:, None, None, :])
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert (out - ref).abs().max() < 1e-6
+    d = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), d), torch.autograd.grad(ref, (q, k, v), d)):
+        assert (a - b).abs().max() < 1e-5

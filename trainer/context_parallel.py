@@ -10,8 +10,8 @@ and takes any mask (../shared/reference/context-parallel.md has the measurements
 - Everything per token is sliced from the *whole* sequence, so nothing local leaks in: positions (RoPE
   and YaRN see global positions), packing segments, the MTP inputs and targets (shifted before the split).
 - Each MLA layer all-gathers the normalised latent and the rotated shared rope key over the CP group
-  (backward: the gradients reduce-scattered back, summed); local queries attend to all keys with a mask
-  from the global token index (causal) and the segment ids (packed documents).
+  (backward: the gradients reduce-scattered back, summed); local queries attend to all keys chunk by
+  chunk (model.chunked_attention), masked by global token index (causal) and segment ids (documents).
 - The loss is summed over local tokens and divided by the global count of labelled tokens; gradients
   are summed over CP like over DP (FSDP shards over DP x CP); expert loads and the sequence-wise aux
   loss are reduced over CP (they are per-sequence statistics).
@@ -135,6 +135,8 @@ class ContextParallel:
     all_index: torch.Tensor  # [S_global] global positions of the gathered tokens, in gather order
     size: int = 1
     tp_group: object = None  # set under tensor parallelism: gathered tensors are replicated over TP
+    segments: torch.Tensor | None = None  # [B, S_local] packed-sequence ids (set_segments)
+    all_segments: torch.Tensor | None = None  # [B, S_global], in gather order
 
     @classmethod
     def for_batch(cls, group, index: torch.Tensor, tp_group=None) -> "ContextParallel":
@@ -149,6 +151,11 @@ class ContextParallel:
 
     def gather_constant(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return gather_constant(x, dim, self.group)
+
+    def set_segments(self, segments: torch.Tensor | None) -> None:
+        """This micro-batch's packed-sequence ids [B, S_local], gathered once for every layer's masks."""
+        self.segments = segments
+        self.all_segments = None if segments is None else self.gather_constant(segments, 1)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over CP, no gradient (statistics of the whole sequence: expert counts)."""

@@ -51,7 +51,7 @@ class StageModule(nn.Module):
         cos, sin = self.rope(b["position_ids"], h.dtype)
         segments, cp = b["segment_ids"], b.get("cp")  # cp: this micro-batch's context parallelism (or None)
         if cp is not None:
-            mask = context_parallel_mask(cp, segments, x.shape[0])
+            mask = context_parallel_mask(cp, segments)
         else:
             mask = segment_mask(segments) if segments is not None else None
         for layer in self.layers.values():
