@@ -53,16 +53,20 @@ def test_cp2_equals_one_process_and_the_classic_mistakes_do_not():
     """Two CP ranks (gloo) against one process on the same weights and packed batch (documents crossing the
     chunks, MTP on): loss and every parameter gradient equal; each classic mistake moves the gradients far
     beyond that: RoPE on local positions, a gather without backward for the other ranks' parts, no document
-    mask on gathered keys, a loss normalised per rank with averaged gradients."""
-    modes = ["correct", "local_positions", "detached_gather", "no_document_mask", "local_mean_loss"]
+    mask on gathered keys, a loss normalised per rank with averaged gradients, a sequence-wise aux loss from
+    this rank's part of each sequence. With DeepSeek's sequence-wise aux loss on, its statistics (expert
+    counts, mean affinities) are those of whole sequences, as in one process."""
+    modes = ["correct", "local_positions", "detached_gather", "no_document_mask", "local_mean_loss", "aux_loss_local_stats",
+             "with_aux_loss"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(ROOT / "tests" / "cp_worker.py"), *modes], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     got = {r["mode"]: r for r in (json.loads(ln[7:]) for ln in res.stdout.splitlines() if ln.startswith("RESULT "))}
     assert set(got) == set(modes)
-    assert got["correct"]["loss_diff"] <= 2e-6 and got["correct"]["grad_diff"] <= 1e-6, got["correct"]
-    for mode in modes[1:]:
+    for good in ("correct", "with_aux_loss"):  # the sequence-wise aux loss from whole-sequence statistics too
+        assert got[good]["loss_diff"] <= 2e-6 and got[good]["grad_diff"] <= 1e-6, got[good]
+    for mode in modes[1:-1]:
         assert got[mode]["grad_diff"] >= 1e-4, got[mode]  # >= 100x the correct run's error
 
 
