@@ -25,21 +25,22 @@ from model.transformer import IGNORE_INDEX
 
 @torch.no_grad()
 def split_loss(model, dataset, micro_batch_size: int, device, dp_rank: int = 0, dp_size: int = 1, dp_group=None,
-               max_batches: int | None = None) -> dict:
-    """{"loss", "perplexity", "label_tokens", "batches"} over the whole split (summed over data-parallel ranks)."""
-    from trainer.data import eval_batches
+               max_batches: int | None = None, prepare=None) -> dict:
+    """{"loss", "perplexity", "label_tokens", "batches"} over the whole split (summed over ``dp_group``: the
+    data-parallel ranks, or DP x CP when ``prepare`` gives each rank its part of every sequence, trainer.main's
+    context-parallel split)."""
+    from trainer.data import batch_to, eval_batches
 
     loss_sum, tokens, batches = 0.0, 0, 0
     for batch in eval_batches(dataset, micro_batch_size, dp_rank, dp_size):
         if max_batches is not None and batches >= max_batches:
             break
-        b = {k: v.to(device) for k, v in batch.items()}
-        out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"],
-                    return_logits=False, reduction="sum")
-        loss_sum += float(out.lm_loss)
+        b = batch_to(prepare(batch) if prepare is not None else batch, device)
         tokens += int((b["labels"] != IGNORE_INDEX).sum())
+        out = model(b.pop("input_ids"), return_logits=False, reduction="sum", **b)
+        loss_sum += float(out.lm_loss)
         batches += 1
-    if dp_size > 1:
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
         t = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
         dist.all_reduce(t, group=dp_group)
         loss_sum, tokens = t[0].item(), int(t[1].item())

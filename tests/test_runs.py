@@ -161,6 +161,10 @@ def test_validation_during_training_at_the_interval(trained):
     assert all(0 < r["val_loss"] < 10 for r in records if "val_loss" in r)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_loss"] == records[-1]["val_loss"] and summary["state"] == "done" and summary["tokens_this_attempt"] == 5 * 8 * 64
+    # under context parallelism each rank validates its part of every sequence: the same losses
+    cp_run = trained("eval-interval-cp2", 2, "parallel.ep=1", "parallel.cp=2", "train.eval_interval=2", "train.max_steps=5")
+    cp_records = [json.loads(line) for line in (cp_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in cp_records if "val_loss" in r] == pytest.approx([r["val_loss"] for r in records if "val_loss" in r], abs=2e-5)
 
 
 def test_python_api_drives_a_smoke_run(cpu_env, monkeypatch, tmp_path):

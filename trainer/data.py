@@ -340,3 +340,14 @@ def eval_batches(dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int 
                 filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
                 rows.append(filler)
         yield {k: torch.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+
+
+def batch_to(batch: dict, device) -> dict:
+    """A micro-batch's tensors (and lists of tensors: the MTP inputs under CP) on ``device``; other values as they are."""
+    import torch
+
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device)
+        return [t.to(device) for t in v] if isinstance(v, list) else v
+    return {k: move(v) for k, v in batch.items()}

@@ -30,7 +30,7 @@ from model.moe import AuxLossGrad, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.context_parallel import ContextParallel, split_batch
-from trainer.data import build_train_loader
+from trainer.data import batch_to, build_train_loader
 from trainer.entry import EXIT_CODE_FILE, init_distributed, run_entry
 from trainer.lora import apply_lora, freeze_in_bf16, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib, static_bytes
@@ -72,15 +72,6 @@ def load_weights(model, path: str, fmt: str, peft, partial: bool = False) -> tup
         load_hf_weights(model, path, ignore_unexpected=partial)
         return f"started from {path} (Hugging Face weights)", False
     return checkpoint.load_start_weights(model, path, peft)
-
-
-def on_device(b: dict, device) -> dict:
-    """A micro-batch's tensors (and lists of tensors: the MTP inputs under CP) on ``device``."""
-    def move(v):
-        if torch.is_tensor(v):
-            return v.to(device)
-        return [t.to(device) for t in v] if isinstance(v, list) else v
-    return {k: move(v) for k, v in b.items()}
 
 
 def _global_sum(values: list[float], group=None) -> list[float]:
@@ -234,7 +225,7 @@ def train(run_dir: Path) -> int:
         counts = _global_sum(local, meshes.dp_group)
         lm_sum = 0.0
         if schedule is not None:
-            side = [on_device(this_rank_part(b), device) for b in batches]
+            side = [batch_to(this_rank_part(b), device) for b in batches]
             for _, m in stages:
                 m.begin_step(side, counts)
             inputs = (torch.cat([b["input_ids"] for b in side]),) if has_first else ()
@@ -244,7 +235,7 @@ def train(run_dir: Path) -> int:
             sync_shared_embedding(model, embed_group)
         for i, b in enumerate(batches if schedule is None else []):
             model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce gradients once per step
-            b = on_device(this_rank_part(b), device)
+            b = batch_to(this_rank_part(b), device)
             out = model(b.pop("input_ids"), return_logits=False, reduction="sum", **b)
             loss = out.lm_loss / max(counts[0], 1)
             if depth:
@@ -277,7 +268,7 @@ def train(run_dir: Path) -> int:
                    "step_seconds": elapsed}
         if val_set is not None and (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps):
             metrics.update(validation_loss(model, val_set, train_cfg.micro_batch_size, device, meshes, layout["tp"], schedule,
-                                           stages, n_micro, depth))
+                                           stages, n_micro, depth, prepare=this_rank_part))
         log.log(step, metrics, console=step % train_cfg.log_interval == 0 or step == train_cfg.max_steps or step == start + 1)
         interval_hit = recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0
         if interval_hit or step == train_cfg.max_steps or stop_votes > 0:

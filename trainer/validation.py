@@ -19,16 +19,18 @@ from model.transformer import IGNORE_INDEX, mtp_targets
 
 @torch.no_grad()
 def validation_loss(model, dataset, micro_batch_size: int, device, meshes, tp: int, schedule=None, stages=(), n_micro: int = 1,
-                    depth: int = 0) -> dict:
-    """{"val_loss", "val_perplexity"} of ``dataset`` (each data-parallel rank its share)."""
+                    depth: int = 0, prepare=None) -> dict:
+    """{"val_loss", "val_perplexity"} of ``dataset`` (each data-parallel rank its share; ``prepare``: under context
+    parallelism, this rank's part of a micro-batch, see trainer.main)."""
     from evaluation.loss import split_loss
-    from trainer.data import eval_batches
+    from trainer.data import batch_to, eval_batches
 
+    prepare = prepare or (lambda b: b)
     dp_rank, dp_size = meshes.dp.get_local_rank(), meshes.dp.size()
     model.eval()
     try:
         if schedule is None:
-            res = split_loss(model, dataset, micro_batch_size, device, dp_rank, dp_size, meshes.dp_group if dp_size > 1 else None)
+            res = split_loss(model, dataset, micro_batch_size, device, dp_rank, dp_size, meshes.tokens_group, prepare=prepare)
             loss = res["loss"]
         else:
             batches = list(eval_batches(dataset, micro_batch_size, dp_rank, dp_size))
@@ -39,10 +41,11 @@ def validation_loss(model, dataset, micro_batch_size: int, device, meshes, tp: i
             has_last = any(m.last for _, m in stages)
             lm_sum, tokens = 0.0, 0.0
             for i in range(0, len(batches), n_micro):
-                group = [{k: v.to(device) for k, v in b.items()} for b in batches[i:i + n_micro]]
-                local = [sum(float((b["labels"] != IGNORE_INDEX).sum()) for b in group)]
+                whole = batches[i:i + n_micro]  # counted on the whole sequences, then cut for CP
+                local = [sum(float((b["labels"] != IGNORE_INDEX).sum()) for b in whole)]
                 for k in range(depth):
-                    local.append(sum(float((mtp_targets(b["labels"], b["segment_ids"], depth)[k] != IGNORE_INDEX).sum()) for b in group))
+                    local.append(sum(float((mtp_targets(b["labels"], b["segment_ids"], depth)[k] != IGNORE_INDEX).sum()) for b in whole))
+                group = [batch_to(prepare(b), device) for b in whole]
                 counts = torch.tensor(local, dtype=torch.float64)
                 dist.all_reduce(counts, group=meshes.dp_group)
                 for _, m in stages:
