@@ -112,6 +112,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
 
     # layers across pipeline stages
     stages = pp * vpp
+    unsplittable = vpp > 1 and megatron(recipe) and m.num_hidden_layers % vpp  # Megatron's equal chunks per rank
     if vpp > 1 and pp == 1:
         E("parallel.vpp", f"VPP={vpp} needs pipeline parallelism (PP > 1)")
     if vpp > 1 and par.pp_schedule != "interleaved_1f1b":
@@ -120,7 +121,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
         E("parallel.vpp", "the interleaved_1f1b schedule needs VPP >= 2; set parallel.vpp or parallel.pp_schedule=1f1b")
     if stages > m.num_hidden_layers:
         E("parallel.pp", f"{m.num_hidden_layers} layers cannot fill PP*VPP = {stages} stages; valid PP*VPP: <= {m.num_hidden_layers}")
-    elif vpp > 1 and megatron(recipe) and m.num_hidden_layers % vpp:
+    elif unsplittable:
         valid = [v for v in range(2, m.num_hidden_layers // pp + 1) if m.num_hidden_layers % v == 0][:6]
         E("parallel.vpp", f"the nemo backend (Megatron's interleaved schedule) needs the {m.num_hidden_layers} layers divisible "
                           f"by VPP {vpp}; valid VPP: {', '.join(map(str, valid)) or 'none'} (or parallel.vpp=1)")
@@ -150,8 +151,7 @@ def check_layout(recipe: Recipe, profile: ClusterProfile, tp: int, pp: int, vpp:
     if data.seq_length > m.max_position_embeddings:
         W("data.seq_length", f"{data.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}")
 
-    splittable = not (vpp > 1 and megatron(recipe) and m.num_hidden_layers % vpp)  # else an error above
-    lay = Layout(tp, pp, vpp, cp, ep, etp, dp, par.sp, profile.nodes, gpn) if dp and splittable else None
+    lay = Layout(tp, pp, vpp, cp, ep, etp, dp, par.sp, profile.nodes, gpn) if dp and not unsplittable else None
     pre = Preflight(lay, errs + warns)
     if lay is not None:
         # An EP the stage cannot hold is estimated with the largest EP it can: experts still need a home.

@@ -221,21 +221,18 @@ def render_runs(runs: list[Run], profile: ClusterProfile, argv: list[str], dry_r
             run.files = {run.script_name: script, "cluster.yaml": config_io.to_yaml(profile), "plan.yaml": rundir.dump(plan),
                          "meta.yaml": rundir.dump(meta)}
             run.lines = [f"stage    {st.name}: {shlex.join(st.command)}"]
-        if image_of(run, profile) and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
-            run.files.update(provenance.code_snapshot())
+        if run.prepared is None and image_of(run, profile) and profile.executor == "slurm":  # (render_job adds its own)
+            run.files.update(provenance.code_snapshot())  # the container runs the code that planned the job (PYTHONPATH)
 
 
 def image_of(run: Run, profile: ClusterProfile) -> str | None:
-    """The container a run's job runs in: a training run's backend image, a nemo run's export (NeMo's exporter, in
-    the run's image), a command stage's own; else the profile's."""
-    if run.recipe is not None:
-        own = run.recipe.backend.container_image
-    elif run.prepared is not None:
+    """The container a run's job runs in: a training run's backend image, a task's (its run's image, see
+    tasks.job_image), a command stage's own; else the profile's."""
+    if run.prepared is not None:
         from launcher import tasks
 
-        own = run.prepared.recipe.backend.container_image if tasks.uses_nemo(run.prepared) else None
-    else:
-        own = run.stage.container_image if run.stage is not None else None
+        return tasks.job_image(run.prepared, profile)
+    own = run.recipe.backend.container_image if run.recipe is not None else (run.stage.container_image if run.stage else None)
     return own or profile.container.image
 
 

@@ -193,6 +193,11 @@ def uses_nemo(prepared: "Prepared") -> bool:
     return prepared.task.kind == "export" and prepared.recipe is not None and prepared.recipe.backend.name == "nemo"
 
 
+def job_image(prepared: "Prepared", profile) -> str | None:
+    """The container the job runs in, as the job script renders it: the run's backend image, else the profile's."""
+    return (prepared.recipe.backend.container_image if prepared.recipe is not None else None) or profile.container.image
+
+
 def job_label(prepared: "Prepared") -> str:
     t = prepared.task
     return f"{t.kind}-{prepared.recipe.name if prepared.recipe is not None else Path(t.source).name}"
@@ -216,8 +221,7 @@ def render_job(prepared: "Prepared", profile, run_dir: Path, argv: list[str], dr
     meta = {**provenance.metadata(argv, Path(task.source), dry_run), "task": {"kind": task.kind, "source": task.source}, **(meta_extra or {})}
     files = {script_name: script, TASK_FILE: config_io.to_yaml(task), "cluster.yaml": config_io.to_yaml(profile),
              "plan.yaml": rundir.dump(plan), "meta.yaml": rundir.dump(meta), **prepared.files}
-    image = (prepared.recipe.backend.container_image if nemo else None) or profile.container.image
-    if image and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
+    if job_image(prepared, profile) and profile.executor == "slurm":  # the container runs the code that planned the job (PYTHONPATH)
         files.update(provenance.code_snapshot())
     return script_name, files
 

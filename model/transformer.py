@@ -89,13 +89,6 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
-def context_parallel_mask(cp, segment_ids: torch.Tensor | None) -> None:
-    """Under CP there is no whole mask: attention builds it chunk by chunk (model.chunked_attention) from the
-    global positions and the segment ids, which are gathered here once per micro-batch."""
-    cp.set_segments(segment_ids)
-    return None
-
-
 class DeepseekV3(nn.Module):
     def __init__(self, cfg: ModelConfig, mtp_loss_weight: float = 0.1):
         super().__init__()
@@ -126,8 +119,9 @@ class DeepseekV3(nn.Module):
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        if cp is not None:
-            mask = context_parallel_mask(cp, segment_ids)
+        if cp is not None:  # no whole mask: attention masks chunk by chunk from positions and these segments
+            cp.set_segments(segment_ids)
+            mask = None
         else:
             mask = segment_mask(segment_ids) if segment_ids is not None else None
         for layer in self.layers.values():

@@ -1,27 +1,26 @@
-"""DeepSeek-V3 (671B) LoRA SFT at 64k tokens per sequence: context parallelism over 8 GPUs (TP8 x CP8 = 64 GPUs
-per model replica), no pipeline; DP from the node count (8 nodes: DP1; 64 nodes: DP8).
+"""DeepSeek-V3 (671B) LoRA SFT at 64k tokens per sequence: recipes/lora.py with context parallelism over 4 GPUs
+(TP8 x CP4 = 32 GPUs per model replica), no pipeline; DP from the node count (4 nodes: DP1; 64 nodes: DP16).
 
-  launch plan recipes/long_context.py --cluster h100-8x64 --nodes 8
-  launch plan recipes/long_context.py --cluster h100-8x64 --nodes 8 data.seq_length=131072   # 128k
+  launch plan recipes/long_context.py --cluster h100-8x64 --nodes 4
+  launch plan recipes/long_context.py --cluster h100-8x64 --nodes 4 data.seq_length=131072 --search   # 128k
 
-The CP the planner picks (`launch plan ... --search`): CP8 is the smallest that fits 64k with TP8 on H100 80GB
-(each rank holds 8k tokens; MLA's latent is gathered from the other seven). See README "Long context".
+CP4 is the planner's pick: the fewest nodes (4) on which 64k fits with TP8 on H100 80GB (each rank holds 16k
+tokens; MLA's latent is gathered from the other three). 128k needs CP8. See README "Long context".
 """
 
-from launcher.recipe import Checkpoint, Data, Parallel, Peft, Recipe, Train
-from model.presets import deepseek_v3
+import dataclasses
+
+from launcher.recipe import Recipe
+from recipes import lora
 
 
 def recipe() -> Recipe:
-    return Recipe(
+    base = lora.recipe()
+    return dataclasses.replace(
+        base,
         name="dsv3-lora-64k",
-        model=deepseek_v3(),
-        parallel=Parallel(tp=8, sp=True, cp=4, pp=1, ep=1, recompute="full"),
-        data=Data(kind="sft", path="/data/sft-long", template="chatml", answer_only_loss=True,
-                  seq_length=65536, packing=True, tokenizer="/checkpoints/deepseek-v3-bf16"),
-        train=Train(global_batch_size=8, micro_batch_size=1, max_steps=500, lr=1e-4, min_lr=1e-5,
-                    warmup_steps=20, weight_decay=0.0, grad_clip=1.0, precision="bf16"),
-        checkpoint=Checkpoint(load="/checkpoints/deepseek-v3-bf16", load_format="hf", interval=50, keep=2),
-        peft=Peft(method="lora", rank=16, alpha=32.0,
-                  targets=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
+        parallel=dataclasses.replace(base.parallel, cp=4, pp=1),
+        data=dataclasses.replace(base.data, path="/data/sft-long", seq_length=65536),
+        train=dataclasses.replace(base.train, global_batch_size=8),
+        checkpoint=dataclasses.replace(base.checkpoint, interval=50),
     )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from launcher.layout import split_layers
-from model.transformer import DeepseekV3, causal_lm_loss, context_parallel_mask, mtp_targets, segment_mask
+from model.transformer import DeepseekV3, causal_lm_loss, mtp_targets, segment_mask
 
 
 class StageModule(nn.Module):
@@ -50,8 +50,9 @@ class StageModule(nn.Module):
         h = self.embed_tokens(x) if self.first else x
         cos, sin = self.rope(b["position_ids"], h.dtype)
         segments, cp = b["segment_ids"], b.get("cp")  # cp: this micro-batch's context parallelism (or None)
-        if cp is not None:
-            mask = context_parallel_mask(cp, segments)
+        if cp is not None:  # no whole mask: attention masks chunk by chunk from positions and these segments
+            cp.set_segments(segments)
+            mask = None
         else:
             mask = segment_mask(segments) if segments is not None else None
         for layer in self.layers.values():
