@@ -94,7 +94,8 @@ def lora_params(m: ModelConfig, layers: list[int], targets: list[str], rank: int
 CP_SCORE_CHUNK_BYTES = 2**30  # model.chunked_attention.SCORE_BUDGET_BYTES (torch-free copy; a test keeps them equal)
 
 
-def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompute: str) -> tuple[float, float]:
+def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompute: str,
+                                latent_cp: bool = True) -> tuple[float, float]:
     """(dense part, MoE routed part) of the elements one layer keeps for backward per token, counted from
     what the model saves (tests/test_planner.py measures it with saved-tensor hooks): each RMSNorm keeps
     its input and normalised output and the next linear its weighted input; MLA its low-rank paths
@@ -102,7 +103,9 @@ def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompu
     attention) and the attention output; a SwiGLU its two projections, the activation and the product;
     routed experts their dispatched input and output (and the weighted output), per chosen expert; the
     router its fp32 scores. ``selective`` recomputes the attention block (the trainer checkpoints
-    self_attn), ``full`` the whole layer (only its input is kept)."""
+    self_attn), ``full`` the whole layer (only its input is kept). Under CP with ``latent_cp`` (the native
+    trainer: model.chunked_attention) attention keeps the gathered latent and rope key of the whole sequence
+    instead of any K/V (expanded chunk by chunk, again in backward); else (NeMo's ring attention) K/V."""
     t = lay.tp
     tsp = t if lay.sp else 1
     h, H = m.hidden_size, m.num_attention_heads
@@ -112,11 +115,12 @@ def _activation_elems_per_token(m: ModelConfig, layer: int, lay: Layout, recompu
         attn = h / tsp  # the attention block's input; its insides are recomputed
     else:
         low_rank = (3 * m.q_lora_rank if m.q_lora_rank else 0) + (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * m.kv_lora_rank
-        attn = 3 * h / tsp + low_rank + H * (m.qk_nope_head_dim + m.v_head_dim) / t + 4 * H * m.qk_head_dim / t
-        # context parallel: keys and values come from the whole sequence (CP x the local tokens): the gathered
-        # latent and rope key, their kv_b expansion, and k and v (v padded) for each of the other CP ranks' tokens
-        attn += (lay.cp - 1) * ((m.kv_lora_rank + m.qk_rope_head_dim) + H * (m.qk_nope_head_dim + m.v_head_dim) / t
-                                + 2 * H * m.qk_head_dim / t)
+        latent = m.kv_lora_rank + m.qk_rope_head_dim
+        if lay.cp > 1 and latent_cp:  # q, the output (and o_proj's copy of it), fp32 log-sum-exp; the gathered latent
+            attn = 3 * h / tsp + low_rank + H * (m.qk_head_dim + 2 * m.v_head_dim + 2) / t + lay.cp * latent
+        else:  # the kv_b output, q, k, v (padded), the output; under CP (ring attention) k and v for all CP x tokens
+            attn = 3 * h / tsp + low_rank + H * (m.qk_nope_head_dim + m.v_head_dim) / t + 4 * H * m.qk_head_dim / t
+            attn += (lay.cp - 1) * (latent + H * (m.qk_nope_head_dim + m.v_head_dim) / t + 2 * H * m.qk_head_dim / t)
     mlp_in = 3 * h / tsp  # post-attention norm: input, normalised, weighted
     if m.is_moe_layer(layer):
         shared = 4 * m.n_shared_experts * m.moe_intermediate_size / t
@@ -271,7 +275,8 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
     tokens = train.micro_batch_size * recipe.data.seq_length / lay.cp
     last = (lay.pp * lay.vpp - 1) % lay.pp
     rkey = _group_key(recipe)
-    per_layer = {kind: _activation_elems_per_token(m, m.first_k_dense_replace if kind == "moe" else 0, lay, par.recompute)
+    latent_cp = recipe.backend.name == "native"
+    per_layer = {kind: _activation_elems_per_token(m, m.first_k_dense_replace if kind == "moe" else 0, lay, par.recompute, latent_cp)
                  for kind in ("dense", "moe")}
     static_memo: dict[tuple, list] = {}  # ranks holding the same groups hold the same static bytes
     out = []
@@ -284,11 +289,11 @@ def estimate_ranks(recipe, lay: Layout, capacity_gib: float, device: str = "cuda
         dense_act = per_layer["dense"][0] * counts["dense"] + per_layer["moe"][0] * counts["moe"]
         routed_act = per_layer["moe"][1] * counts["moe"]
         if par.recompute == "full" and layers:  # plus one layer's full working set during its recompute
-            d, e = _activation_elems_per_token(m, layers[-1], lay, "none")
+            d, e = _activation_elems_per_token(m, layers[-1], lay, "none", latent_cp)
             dense_act, routed_act = dense_act + d, routed_act + e
         flight = in_flight(par.pp_schedule, lay.pp, lay.vpp, r, micro)
         items.append(("activations", (dense_act + routed_act) * tokens * 2 * flight))
-        if lay.cp > 1 and recipe.backend.name == "native":  # one chunk's scores and probabilities (model.chunked_attention)
+        if lay.cp > 1 and latent_cp:  # one chunk's scores and probabilities (model.chunked_attention)
             items.append(("cp attention chunk", CP_SCORE_CHUNK_BYTES))
         items.append(("routing imbalance margin", routed_act * tokens * 2 * flight * ROUTING_IMBALANCE))
         if r == last:

@@ -18,10 +18,12 @@ _NODE_COUNTS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96,
 
 
 def min_nodes(recipe: Recipe, profile: ClusterProfile) -> int | None:
-    """Fewest nodes of this profile's kind on which the layout is valid and fits (batch size aside)."""
+    """Fewest nodes of this profile's kind on which the layout is valid and fits (batch size aside; "at
+    risk" is not a fit, as in launcher.search.fewest_nodes)."""
     for n in _NODE_COUNTS:
         pre = run_preflight(recipe, dataclasses.replace(profile, nodes=n))
-        if not [p for p in pre.errors if not p.field.startswith("train.")]:
+        fits = pre.memory is None or pre.memory.verdict == "fits"
+        if fits and not [p for p in pre.errors if not p.field.startswith("train.")]:
             return n
     return None
 

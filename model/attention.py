@@ -82,15 +82,28 @@ class MLA(nn.Module):
         return self.attend(q_nope, q_rope, latent, k_rope, mask)
 
     def attend_long(self, q_nope, q_rope, latent, k_rope, cp) -> torch.Tensor:
-        """Under CP: local queries over every rank's keys, in chunks with an online softmax
-        (model.chunked_attention): no scores of the whole sequence and no mask in memory; the masks come
-        chunk by chunk from ``cp``'s global positions and segment ids."""
-        from model.chunked_attention import ChunkedAttention
+        """Under CP: local queries over every rank's keys, in chunks with an online softmax, each chunk's K/V
+        expanded from the gathered latent on the fly (model.chunked_attention): neither the whole sequence's
+        K/V nor its scores nor a mask are ever in memory; the masks come chunk by chunk from ``cp``'s global
+        positions and segment ids."""
+        from model.chunked_attention import LatentChunkedAttention
 
-        b, s_k, _ = latent.shape
-        kv = self.kv_b_proj(latent).view(b, s_k, -1, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        proj = self.kv_b_proj
+        sources = [(latent, _local(proj.weight))]
+        if hasattr(proj, "lora_A"):  # LoRA (trainer.lora.LoRALinear): x W^T + B(A(dropout(x))) * scaling
+            low = F.linear(proj.lora_dropout(latent), _local(proj.lora_A.weight))
+            sources.append((low, _local(proj.lora_B.weight) * proj.scaling))
+        if self.shared_key_hook is not None:  # TP: each rank's heads give part of the latent's gradient; sum it
+            sources = [(self.shared_key_hook(x), w) for x, w in sources]
         q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        out = ChunkedAttention.apply(q, k, v.contiguous(), cp.index, cp.all_index, cp.segments, cp.all_segments, self.scale)
+        out = LatentChunkedAttention.apply(q, k_rope, cp.index, cp.all_index, cp.segments, cp.all_segments, self.scale,
+                                           self.nope, *(t for pair in sources for t in pair))
+        b = q.shape[0]
         return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor-parallel (DTensor) weight, differentiably; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.to_local() if isinstance(weight, DTensor) else weight

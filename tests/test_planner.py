@@ -100,11 +100,33 @@ def test_plan_bad_input_is_one_line_exit_2():
     assert res.returncode == 2 and res.stderr.strip() == "launch: error: --nodes: must be >= 1, got 0"
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_activation_estimate_matches_the_tensors_the_model_saves(recompute):
+class _OtherRankCP:
+    """CP rank 0 of 2 in one process (trainer.context_parallel.ContextParallel's interface): the gather
+    appends a stand-in for the other rank's part, as the real all-gather's output holds both."""
+
+    def __init__(self, seq: int):
+        import torch
+
+        from trainer.context_parallel import chunk_index
+
+        self.size, self.index, self.all_index = 2, chunk_index(2 * seq, 2, 0), torch.arange(2 * seq)
+        self.segments = self.all_segments = None
+
+    def gather(self, x, dim):
+        import torch
+
+        return torch.cat([x, x.detach() + 0], dim)
+
+    def all_reduce(self, x):
+        return x.clone()
+
+
+@pytest.mark.parametrize("recompute,cp", [("none", 1), ("selective", 1), ("full", 1), ("none", 2)])
+def test_activation_estimate_matches_the_tensors_the_model_saves(recompute, cp):
     """On CPU: the elements each decoder layer keeps for backward (saved-tensor hooks, parameters
-    excluded, each storage once) within 15% of the planner's per-layer activation estimate. (On a GPU
-    the check is against torch.cuda.max_memory_allocated; see the issue notes.)"""
+    excluded, each storage once) within 15% of the planner's per-layer activation estimate; under CP2 per
+    local token, with the latent gathered and K/V expanded chunk by chunk. (On a GPU the check is against
+    torch.cuda.max_memory_allocated; see the issue notes.)"""
     torch = pytest.importorskip("torch")
     from launcher.layout import Layout
     from launcher.memory import _activation_elems_per_token
@@ -122,7 +144,7 @@ def test_activation_estimate_matches_the_tensors_the_model_saves(recompute):
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seq = 512
     x = torch.randint(0, cfg.vocab_size, (1, seq))
-    lay = Layout(1, 1, 1, 1, 1, 1, 1, False, 1, 1)
+    lay = dataclasses.replace(Layout(1, 1, 1, 1, 1, 1, 1, False, 1, 1), cp=cp)
     for name, layer in model.layers.items():
         inputs = {}
         hook = layer.register_forward_pre_hook(lambda m, a: inputs.setdefault("a", a))
@@ -139,7 +161,7 @@ def test_activation_estimate_matches_the_tensors_the_model_saves(recompute):
 
         a = inputs["a"]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(a[0].detach().requires_grad_(True), *a[1:])
+            layer(a[0].detach().requires_grad_(True), *a[1:], cp=_OtherRankCP(seq) if cp > 1 else None)
         measured = sum(kept.values()) / seq
         dense, routed = _activation_elems_per_token(cfg, int(name), lay, recompute)
         if recompute == "full":  # the composable checkpoint keeps the layer's inputs (hidden states, rope, mask)

@@ -92,7 +92,8 @@ def test_lora_trains_adapters_only_on_any_layout(env):
     got = {}
     for name, procs, layout in (("dp1", 1, ["parallel.ep=1"]), ("ep2", 2, ["parallel.ep=2"]),
                                 ("tp2", 2, ["parallel.ep=1", "parallel.tp=2"]),  # adapters split like their base weights
-                                ("cp2", 2, ["parallel.ep=1", "parallel.cp=2"])):
+                                ("cp2", 2, ["parallel.ep=1", "parallel.cp=2"]),
+                                ("cp2-tp2", 4, ["parallel.ep=1", "parallel.cp=2", "parallel.tp=2"])):  # recipes/long_context.py's form
         run, res = train(env, env[1] / f"lora-{name}", procs, *layout, *lora)
         got[name] = losses(run)
         weights = final_weights(run / "checkpoints")
@@ -100,6 +101,7 @@ def test_lora_trains_adapters_only_on_any_layout(env):
     assert got["ep2"] == pytest.approx(got["dp1"], abs=2e-5)
     assert got["tp2"] == pytest.approx(got["dp1"], abs=2e-5)
     assert got["cp2"] == pytest.approx(got["dp1"], abs=2e-5)
+    assert got["cp2-tp2"] == pytest.approx(got["dp1"], abs=2e-5)
     assert min(got["dp1"]) < got["dp1"][0]
 
 
