@@ -12,6 +12,7 @@
   launch export RUN --cluster NAME       a run's checkpoint as a Hugging Face directory (hf | merged | peft)
   launch generate RUN|HF_DIR --prompt TEXT | --input FILE.jsonl --cluster NAME
   launch eval RUN [--split test] --cluster NAME   answers of the split -> results.csv, summary.json
+  launch report RUN... [--out DIR]   an HTML page and PNG figures of a run (several: a sweep; a pipeline)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _COMMANDS = [
      ["launch data sft raw.jsonl --out data/sft --input-key question --output-key answer --template chatml"]),
     ("launch data tokens SRC... --out FILE", "text or JSONL -> the token file pretraining reads (parallel workers)",
      ["launch data tokens corpus/*.jsonl --out data/train.bin --tokenizer /ckpt/tokenizer --workers 8"]),
+    ("launch report RUN... [--out DIR]", "HTML page + PNG figures: loss, throughput, memory vs plan, expert-load heat map",
+     ["launch report 20261202-101500-smoke-local", "launch report RUN_A RUN_B --out /tmp/lr-sweep"]),
     ("launch list | status | logs | cancel [RUN]", "follow runs (list --state/--recipe/--since; logs -f)",
      ["launch list --state failed --since 2d", "launch status 1234"]),
     ("launch clusters | recipes", "the cluster profiles and shipped recipes", []),
@@ -317,6 +320,9 @@ def cmd_follow(name: str, argv: list[str]) -> int:
             print(f"error  {rs.error}")
         if rs.log:
             print(f"log    {rs.log}")
+        if (run / "metrics.jsonl").exists():
+            page = run / "report" / "index.html"
+            print(f"report {page}" if page.exists() else f"report launch report {run.name}")
         if pipeline is not None:  # one stage of a pipeline: every stage, a line each
             print(f"pipeline {pipeline[0]}:")
             _stage_lines(jobs, pipeline[1])
@@ -376,10 +382,19 @@ def _print_log(jobs, run: Path, follow: bool) -> int:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         if not follow:
+            _report_hint(run)
             return 0 if path.exists() else _no_log(path)
         if jobs.run_state(run).state.split()[0] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
+            _report_hint(run)
             return 0  # the job has ended (or was never started): nothing more will come
         time.sleep(1)
+
+
+def _report_hint(run: Path) -> None:
+    """Where the run's figures are (on stderr: the log itself stays the job's output)."""
+    if (run / "metrics.jsonl").exists():
+        page = run / "report" / "index.html"
+        print(f"launch: report: {page}" + ("" if page.exists() else f" (write it: launch report {run.name})"), file=sys.stderr)
 
 
 def _no_log(path: Path) -> int:
@@ -459,6 +474,64 @@ def cmd_clusters() -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    """``launch report RUN... [--out DIR]``: a run's report; several runs (or a sweep's job array): one overlay page;
+    a pipeline's name: one page linking its stages."""
+    from launcher import jobs
+
+    p = argparse.ArgumentParser(
+        prog="launch report", description="A self-contained HTML page (index.html) and PNG figures of a run: loss and lr, "
+        "grad norm, tokens/s and MFU, peak memory per rank against the plan, the expert-load heat map per layer over steps, "
+        "the layout, plan and warnings. Reads what exists: works on a running job. Several runs, or a sweep's job array, "
+        "overlay their curves on one page; a pipeline's name gives one page linking its stages.",
+        epilog="example: launch report 20261202-101500-smoke-local")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run directories, run names, Slurm job ids, a sweep's array job id "
+                   "or a pipeline's name (default: the newest run)")
+    p.add_argument("--out", help="where to write (default: RUN/report for one run; for several, the first run's sweep "
+                   "directory or a report-<time> directory beside the runs)")
+    p.add_argument("--runs-dir", help="where run directories are (default: $MOE_LAUNCH_RUNS or ./runs, and every profile's runs_dir)")
+    p.add_argument("--cluster", "-c", help="look in this profile's runs_dir (and ./runs)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("launch report draws with matplotlib: pip install 'moe-launch[report]'", "matplotlib") from None
+    from report import main as report
+
+    roots = jobs.runs_roots(args.runs_dir, args.cluster)
+    specs = args.runs or [None]
+    out = Path(args.out).absolute() if args.out else None
+    if len(specs) == 1:
+        array = jobs.find_array(specs[0], roots)
+        pipeline = jobs.find_pipeline(specs[0], roots) if array is None else None
+        if array is not None:
+            runs = array[1]
+            out = out or runs[0].parent / f"report-array-{array[0]}"
+        elif pipeline is not None and not _names_a_run(jobs, specs[0], roots):
+            name, stages = pipeline
+            out = out or stages[0].parent / f"report-{name}-{stages[0].name[:15]}"
+            page = report.pipeline_report(name, stages, [jobs.run_state(r).state for r in stages], out)
+            print(f"report   {page}")
+            return 0
+        else:
+            run = jobs.find_run(specs[0], roots)
+            page = report.run_report(run, out)
+            print(f"report   {page}")
+            return 0
+    else:
+        runs = [jobs.find_run(s, roots) for s in specs]
+        out = out or runs[0].parent / f"report-{datetime_stamp()}"
+    page = report.sweep_report(runs, out)
+    print(f"report   {page} ({len(runs)} runs overlaid; each run's own report in RUN/report/)")
+    return 0
+
+
+def datetime_stamp() -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def cmd_recipes() -> int:
     for name in recipe_loader.shipped_names():
         try:
@@ -485,6 +558,8 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_task(argv[0], argv[1:])
     if argv[:1] == ["resume"]:
         return cmd_resume(argv[1:])
+    if argv[:1] == ["report"]:
+        return cmd_report(argv[1:])
     if argv[:1] == ["data"]:
         from dataprep.cli import main as data_main
 

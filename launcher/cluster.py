@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 from launcher import config_io, paths
 from launcher.errors import UserError
+from launcher.tracking import Tracking
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ClusterProfile:
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (shell code by design)
     runs_dir: Optional[str] = None  # where run directories go (shared filesystem); default ./runs
     python: Optional[str] = None  # interpreter on the nodes; default: the one running launch ("python" in a container)
+    tracking: Tracking = field(default_factory=Tracking)  # the site's tracker defaults (recipe settings win)
 
     @property
     def world_size(self) -> int:

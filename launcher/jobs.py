@@ -190,7 +190,24 @@ def metrics_tail(run: Path) -> tuple[int, dict | None]:
     if not metrics.exists():
         return 0, None
     lines = metrics.read_text().splitlines()
-    return len(lines), (json.loads(lines[-1]) if lines else None)
+    for line in reversed(lines[-2:]):  # a running job's last line may be half-written
+        try:
+            return len(lines), json.loads(line)
+        except ValueError:
+            continue
+    return len(lines), None
+
+
+def progress_line(run: Path) -> str:
+    """Where training stands, from metrics.jsonl: 'step 40/100, loss 2.1234, 5,120 tokens/s' (what a running job shows)."""
+    _, last = metrics_tail(run)
+    if not last or "loss" not in last:
+        return "no step logged yet"
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {} if (run / "recipe.yaml").exists() else {}
+    total = (recipe.get("train") or {}).get("max_steps")
+    return (f"step {last['step']}{f'/{total}' if total else ''}, loss {last['loss']:.4f}"
+            + (f", val loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "")
+            + (f", {last['tokens_per_s']:,.0f} tokens/s" if last.get("tokens_per_s") is not None else ""))
 
 
 _ERROR_LINE = re.compile(r"^(moe-launch: error: .*|[A-Za-z_.]*(Error|Exception)\b.*: .*)$")
@@ -233,8 +250,7 @@ def run_state(run: Path) -> RunState:
     from launcher import local_exec
 
     job = job_id_of(run)
-    steps, last = metrics_tail(run)
-    progress = f"{steps} steps" + (f", loss {last['loss']:.4f}" if last and "loss" in last else "")
+    progress = progress_line(run)
     if job:
         try:
             st = status(job)

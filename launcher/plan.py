@@ -16,6 +16,7 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
     flops = m.train_flops_per_token(recipe.data.seq_length) * tokens
     step_s = flops / (lay.world * profile.gpu.peak_tflops * 1e12 * profile.gpu.assumed_mfu)
     mem = pre.memory
+    ranks = estimate_ranks(recipe, lay, profile.gpu.memory_gb, profile.device)
     return {
         "cluster": profile.name,
         "world_size": lay.world,
@@ -34,9 +35,9 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
                   "params_mtp": m.mtp_params().total},
         "memory": {"verdict": mem.verdict, "total_gib": round(mem.total / GiB, 2), "capacity_gib": round(mem.capacity / GiB, 2),
                    "pp_rank": mem.pp_rank, "items_gib": {k: round(v / GiB, 3) for k, v in mem.items},
-                   # bytes the trainer compares with what it allocates (memory.json)
-                   "static_per_pp_rank": [{k: int(e.get(k)) for k in STATIC}
-                                          for e in estimate_ranks(recipe, lay, profile.gpu.memory_gb, profile.device)]},
+                   # bytes the trainer compares with what it allocates (memory.json), and each pipeline rank's total
+                   "static_per_pp_rank": [{k: int(e.get(k)) for k in STATIC} for e in ranks],
+                   "total_per_pp_rank_gib": [round(e.total / GiB, 3) for e in ranks]},
         "compute": {"flops_per_step": flops, "assumed_mfu": profile.gpu.assumed_mfu,
                     "est_step_seconds": round(step_s, 4), "est_tokens_per_day": int(tokens / step_s * 86400) if step_s else None},
         "warnings": [str(p) for p in pre.warnings],

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from launcher.tracking import MODES as TRACKING_MODES, Tracking
 from model.config import ModelConfig
 
 
@@ -62,6 +63,7 @@ class Train:
     eval_interval: int = 0  # 0: no evaluation
     mtp_loss_weight: float = 0.1
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step
+    expert_load_interval: int = 10  # steps per record of per-layer expert load (RUN/expert_load/; 0: off)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Recipe:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     peft: Peft = field(default_factory=Peft)
     backend: Backend = field(default_factory=Backend)
+    tracking: Tracking = field(default_factory=Tracking)  # Weights & Biases / MLflow, off unless asked
     # extra environment for the job: values reach it byte for byte (shell-quoted), newlines included
     env: Dict[str, str] = field(default_factory=dict, metadata={"multiline": True})
 
@@ -121,6 +124,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.load_format": ("hf", "dcp", "nemo"),
     "peft.method": ("none", "lora"),
     "backend.name": ("native", "nemo"),
+    "tracking.wandb_mode": TRACKING_MODES,
     "model.scoring_func": ("sigmoid", "softmax"),
     "model.topk_method": ("noaux_tc", "greedy", "group_limited_greedy"),
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from launcher.errors import ENV_NAME, Problem, UserError
 from launcher.recipe import CHOICES, Recipe
+from launcher.tracking import MODES as TRACKING_MODES
 
 # A name that becomes part of a path, a job name or an #SBATCH line: one safe path component.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -38,6 +39,7 @@ RECIPE_RANGES: dict[str, tuple] = {
     "train.eval_interval": (0, None, True, True),
     "train.mtp_loss_weight": (0, None, True, True),
     "train.bias_update_rate": (0, 1, True, False),
+    "train.expert_load_interval": (0, None, True, True),
     "data.seq_length": (2, None, True, True),
     "checkpoint.interval": (1, None, True, True),
     "checkpoint.keep": (1, None, True, True),
@@ -168,6 +170,9 @@ def check_profile(profile, path: Path) -> None:
             raise UserError(f"{getattr(profile, key)!r} is not valid; choose one of {', '.join(allowed)}", f"{where}{key}")
     for key, why in _check_ranges(profile, PROFILE_RANGES):
         raise UserError(why, f"{where}{key}")
+    if profile.tracking.wandb_mode not in TRACKING_MODES:
+        raise UserError(f"{profile.tracking.wandb_mode!r} is not valid; choose one of {', '.join(TRACKING_MODES)}",
+                        f"{where}tracking.wandb_mode")
     for key in profile.env:
         if not ENV_NAME.match(key):
             raise UserError("not a valid environment variable name (letters, digits, '_', not starting with a digit)", f"{where}env.{key}")

@@ -191,14 +191,23 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 
+def moe_layers(model: nn.Module) -> list[tuple[int, "MoE"]]:
+    """(decoder-layer index, MoE) of every MoE layer ``model`` holds (a pipeline rank: its own), MTP layers
+    numbered after the main ones (as in HF checkpoints: layer 61 is DeepSeek-V3's MTP layer)."""
+    out = [(int(name), block.mlp) for name, block in model.layers.items() if isinstance(block.mlp, MoE)]
+    return out + [(model.cfg.num_hidden_layers + k, block.mlp) for k, block in enumerate(getattr(model, "mtp", ()))
+                  if isinstance(block.mlp, MoE)]
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, rate: float, all_reduce=None) -> torch.Tensor | None:
     """Aux-loss-free balancing step: bias += rate * sign(mean load - load), then reset the counters.
 
     ``all_reduce`` (a callable on a tensor) sums the loads over data/expert-parallel ranks first, so every
-    rank applies the same update. Returns the max/mean load ratio over layers (for metrics).
+    rank applies the same update. Returns the step's global loads [MoE layers, experts], in
+    :func:`moe_layers` order (None without MoE layers).
     """
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = [m for _, m in moe_layers(model)]
     if not layers:
         return None
     loads = torch.stack([m.tokens_per_expert for m in layers])
@@ -209,4 +218,9 @@ def update_expert_bias(model: nn.Module, rate: float, all_reduce=None) -> torch.
             delta = torch.sign(load.mean() - load)
             m.gate.e_score_correction_bias += rate * (delta - delta.mean())
         m.tokens_per_expert.zero_()
-    return (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).max()
+    return loads
+
+
+def imbalance(loads: torch.Tensor) -> float:
+    """The worst layer's max/mean expert load."""
+    return float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).max())

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.moe import AuxLossGrad, GroupedExperts, MoE, Router, update_expert_bias
+from model.moe import AuxLossGrad, GroupedExperts, MoE, Router, imbalance, update_expert_bias
 from model.presets import PRESETS, preset
 from model.transformer import IGNORE_INDEX, build_model
 
@@ -106,9 +106,10 @@ def test_expert_bias_update_moves_against_load():
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     load = moe.tokens_per_expert.clone()
     assert load.sum() == ids.numel() * cfg.num_experts_per_tok
-    ratio = update_expert_bias(model, rate=0.01)
+    loads = update_expert_bias(model, rate=0.01)
+    assert torch.equal(loads[0], load)
     bias = moe.gate.e_score_correction_bias
-    assert ratio >= 1.0
+    assert imbalance(loads) >= 1.0
     assert (bias[load > load.mean()] < 0).all() and (bias[load < load.mean()] > 0).all()
     assert moe.tokens_per_expert.sum() == 0
 

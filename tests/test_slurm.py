@@ -256,6 +256,16 @@ def test_sft_pipeline_runs_all_six_stages_in_order(tmp_path):
     assert type(model).__name__ == "DeepseekV3ForCausalLM"
     scored = (run["backtest"] / "scored.csv").read_text(encoding="utf-8")
     assert scored.count("\n") == n_test + 1 and "cumulative_pnl" in scored.splitlines()[0]
+    # one report page for the pipeline: every stage, the training report, the evaluation, the exported model
+    res = launch("report", "sft-pipeline", "--runs-dir", str(runs))
+    assert res.returncode == 0, res.stderr
+    page = Path(res.stdout.split()[-1])
+    data = json.loads((page.parent / "data.json").read_text())
+    assert [s["stage"] for s in data["stages"]] == order and all(s["state"] == "COMPLETED" for s in data["stages"])
+    train_row = data["stages"][order.index("train")]
+    assert (page.parent / train_row["report"]).resolve() == run["train"] / "report" / "index.html"
+    html = page.read_text()
+    assert str(run["export"] / "hf") in html and "exact_match" in html and str(run["eval"] / "results" / "results.csv") in html
 
 
 def test_sft_pipeline_with_broken_raw_data_fails_at_data_and_cancels_the_rest(tmp_path):

@@ -26,12 +26,13 @@ from launcher.config_io import load_yaml_into
 from launcher.recipe import Recipe
 from launcher.render import REQUEUE_EXIT_CODE
 from launcher.rundir import read_plan
-from model.moe import AuxLossGrad, update_expert_bias
+from model.moe import AuxLossGrad, imbalance as load_imbalance, update_expert_bias
 from model.transformer import IGNORE_INDEX, build_model, mtp_targets
 from trainer import checkpoint
 from trainer.context_parallel import ContextParallel, split_batch
 from trainer.data import batch_to, build_train_loader
 from trainer.entry import EXIT_CODE_FILE, init_distributed, run_entry
+from trainer.expert_load import ExpertLoadRecorder, record_peak_memory
 from trainer.lora import apply_lora, freeze_in_bf16, init_lora
 from trainer.metrics import MetricsLogger, peak_memory_gib, static_bytes
 from trainer.optim import build_optimizer, clip_grad_norm, lr_at
@@ -39,6 +40,17 @@ from trainer.pipeline import PipelineRankModel, build_schedule, build_stages, sh
 from trainer.parallel import apply_activation_checkpointing, apply_fsdp, dp_all_reduce, materialize, set_parallel
 from trainer.tokenizer import load_tokenizer
 
+
+def start_trackers(recipe, profile, run_dir: Path):
+    """W&B / MLflow on rank 0 when the recipe or the profile asks (trackers/); None when neither does."""
+    from launcher.tracking import resolve
+
+    cfg = resolve(recipe.tracking, profile.tracking)
+    if not (cfg.wandb or cfg.mlflow):
+        return None
+    from trackers import Trackers
+
+    return Trackers(cfg, run_dir, run_dir.name, recipe)
 
 
 class StopFlag:
@@ -188,7 +200,8 @@ def train(run_dir: Path) -> int:
         return b
 
     start = 0
-    log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0, data_cfg.seq_length * train_cfg.global_batch_size)
+    log = MetricsLogger(run_dir, train_cfg.max_steps, rank == 0, data_cfg.seq_length * train_cfg.global_batch_size,
+                        start_trackers(recipe, profile, run_dir) if rank == 0 else None)
     if found is not None:
         saved = checkpoint.load(found, model, optimizer, current)
         start = saved["step"]
@@ -212,6 +225,8 @@ def train(run_dir: Path) -> int:
     reduce = dp_all_reduce(meshes)
     depth = recipe.model.num_nextn_predict_layers if train_cfg.mtp_loss_weight > 0 else 0
     step, last_checkpoint = start, found
+    writer = meshes.dp.get_local_rank() == 0 and cp_rank == 0 and meshes.tp.get_local_rank() == 0
+    load_log = ExpertLoadRecorder(run_dir, model, train_cfg.expert_load_interval, pp_rank, writer, start if found is not None else None)
     while step < train_cfg.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, train_cfg)
@@ -248,8 +263,8 @@ def train(run_dir: Path) -> int:
         if step == start:  # the first step here: gradients and optimizer states now exist
             _report_static_memory(run_dir, plan, model, optimizer, pp_rank, log)
         optimizer.zero_grad(set_to_none=True)
-        imbalance = update_expert_bias(model, train_cfg.bias_update_rate, reduce)
-        worst = torch.tensor(float(imbalance) if imbalance is not None else 0.0)
+        loads = update_expert_bias(model, train_cfg.bias_update_rate, reduce)
+        worst = torch.tensor(load_imbalance(loads) if loads is not None else 0.0)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # pipeline ranks hold different layers
         imbalance = worst.item()
         step += 1
@@ -259,6 +274,10 @@ def train(run_dir: Path) -> int:
         else:
             (loss_sum,) = _global_sum([lm_sum], meshes.tokens_group)  # TP ranks hold the same loss: sum over DP x CP only
         (stop_votes,) = _global_sum([float(stop.requested)])  # every rank stops at the same step
+        ends = step == train_cfg.max_steps or stop_votes > 0
+        load_log.add(loads, step, ends)
+        if load_log.due(step, ends):
+            record_peak_memory(run_dir, peak_memory_gib(device), step)
         elapsed = time.perf_counter() - t0
         tokens = counts[0]
         tps = data_cfg.seq_length * train_cfg.global_batch_size / elapsed
@@ -282,9 +301,11 @@ def train(run_dir: Path) -> int:
             log.info(f"moe-launch: stopping at step {step} after {stop.name or 'a stop signal on another rank'}; exit {REQUEUE_EXIT_CODE} asks for a requeue")
             log.summary("stopped", step, last_checkpoint)
             log.close()
+            load_log.close()
             return REQUEUE_EXIT_CODE
     log.summary("done", step, last_checkpoint)
     log.close()
+    load_log.close()
     return 0
 
 

@@ -41,8 +41,9 @@ def clock(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, max_steps: int, enabled: bool, tokens_per_step: int = 0):
+    def __init__(self, run_dir: Path, max_steps: int, enabled: bool, tokens_per_step: int = 0, trackers=None):
         self.enabled = enabled
+        self.trackers = trackers  # trackers.Trackers on rank 0 (W&B, MLflow), or None
         self.max_steps = max_steps
         self.run_dir = run_dir
         self.tokens_per_step = tokens_per_step
@@ -103,6 +104,8 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     tb.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, record)
         self.first = self.first or record
         self.last = record
         if "val_loss" in metrics:
@@ -137,13 +140,31 @@ class MetricsLogger:
         print(f"moe-launch: {state}: step {step}/{self.max_steps}, {steps} step(s) in {clock(wall)}, {losses}{val}, "
               f"{out['tokens_this_attempt']:,} tokens ({out['tokens_per_s'] or 0:,.0f}/s); checkpoint {checkpoint or 'none'}; "
               f"{self.run_dir / 'summary.json'}", flush=True)
+        self._report()
         return out
+
+    def _report(self) -> None:
+        """The run's report: written here when a tracker takes its figures as artifacts, else one command away."""
+        if self.trackers is None or not self.trackers.active:
+            print(f"moe-launch: report: launch report {self.run_dir}", flush=True)
+            return
+        try:
+            from report.main import run_report
+
+            page = run_report(self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - the report is a view; the run has succeeded or stopped already
+            print(f"moe-launch: warning: no report for the trackers ({type(exc).__name__}: {exc})", flush=True)
+            return
+        self.trackers.artifacts(page.parent)
+        print(f"moe-launch: report: {page}", flush=True)
 
     def info(self, text: str) -> None:
         if self.enabled:
             print(text, file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.finish()
         if self.file:
             self.file.close()
         if self.tb is not None:
