@@ -194,3 +194,30 @@ def test_expert_load_benchmark_prints_its_ratio():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "recording expert load costs" in res.stdout and "% of step time" in res.stdout
+
+
+def test_expert_load_of_a_pipeline_merges_its_stages_and_a_resume_rewrites_what_runs_again(cpu_env):
+    """PP2: each pipeline rank records its own layers, the report has them all. Resumed from step 2 (the later
+    checkpoints gone), the records of steps 3-6 are replaced, not doubled, and the steps train as they did
+    (a PP resume once lost the optimizer's hyperparameters: trainer/checkpoint.py)."""
+    run, _ = train(cpu_env, cpu_env[1] / "report-pp2", 2, "parallel.pp=2", "parallel.ep=1", "train.expert_load_interval=2",
+                   "checkpoint.interval=2", "checkpoint.keep=5", "train.max_steps=6")
+    assert sorted(p.name for p in (run / "expert_load").glob("stage*.bin")) == ["stage0.bin", "stage1.bin"]
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / f"step-0000000{step}")
+    res = run_launch("resume", str(run), env=cpu_env[0], timeout=300)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    first = [json.loads(x) for x in (run / "metrics.rewound.jsonl").read_text().splitlines()]
+    again = metrics(run)[2:]
+    assert [r["step"] for r in again] == [r["step"] for r in first] == [3, 4, 5, 6]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(first, again)) <= 1e-5
+    from report.expert_load import read_expert_load
+
+    el = read_expert_load(run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    m, t = recipe["model"], recipe["train"]
+    assert el.layers == list(range(m["first_k_dense_replace"], m["num_hidden_layers"])) + \
+        [m["num_hidden_layers"] + k for k in range(m["num_nextn_predict_layers"])]
+    assert el.steps.tolist() == [2, 4, 6] and el.covered.tolist() == [2, 2, 2]
+    tokens = t["global_batch_size"] * recipe["data"]["seq_length"] * m["num_experts_per_tok"]
+    assert (el.load.sum(axis=2) == 2 * tokens).all()

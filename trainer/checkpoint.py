@@ -54,7 +54,13 @@ def load(path: Path, model, optimizer, current: dict) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
+    # Hyperparameters come from this attempt's recipe, not the checkpoint: the saved param_groups are one rank's
+    # (DCP keeps one copy of non-tensor items), which under PP names another stage's parameters, so the groups
+    # would come back without betas/eps; and a resume may change them on purpose.
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, own in zip(optimizer.param_groups, hyper):
+        group.update(own)
     same_layout = saved["layout"] == current["layout"]
     rng = path / f"rng-{dist.get_rank()}.pt"
     if same_layout and rng.exists():  # RNG streams only mean something for the same ranks
