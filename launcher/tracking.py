@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,3 +36,10 @@ def resolve(recipe: Tracking, profile: Tracking) -> Tracking:
         mine, site, base = getattr(recipe, f.name), getattr(profile, f.name), getattr(default, f.name)
         out[f.name] = (mine or site) if isinstance(base, bool) else (mine if mine != base else site)
     return Tracking(**out)
+
+
+def wandb_run_id(run_dir) -> str:
+    """One W&B run per run directory, across requeues and resumes (native trainer and NeMo alike)."""
+    from pathlib import Path
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]

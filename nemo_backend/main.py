@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.cluster import ClusterProfile  # noqa: F401  (the run directory's profile type, for readers)
+from launcher.cluster import ClusterProfile
 from launcher.config_io import load_yaml_into
 from launcher.errors import UserError
 from launcher.recipe import Recipe
@@ -38,11 +38,31 @@ def write_config(run_dir: Path):
     if problems:
         field, why = problems[0]
         raise UserError(why, field)
-    nemo = build(recipe, read_plan(run_dir), str(run_dir))
+    nemo = build(recipe, read_plan(run_dir), str(run_dir), trackers(recipe, run_dir))
     if int(os.environ.get("RANK", "0")) == 0:
         (run_dir / RECIPE_YAML).write_text(YamlSerializer().serialize(nemo))
         (run_dir / RECIPE_JSON).write_text(ZlibJSONSerializer().serialize(nemo))
     return nemo
+
+
+def trackers(recipe: Recipe, run_dir: Path) -> dict:
+    """The run's trackers as NeMo loggers; one whose package the container lacks is a warning and left out
+    (as in the native trainer, a tracker never fails the run)."""
+    import importlib.util
+
+    from launcher.tracking import resolve
+    from nemo_backend.recipe import tracker_values
+
+    profile = load_yaml_into(ClusterProfile, run_dir / "cluster.yaml")
+    wanted = tracker_values(resolve(recipe.tracking, profile.tracking), str(run_dir), recipe.name)
+    for name in list(wanted):
+        if importlib.util.find_spec(name) is None:
+            print(f"moe-launch: warning: tracker {name}: the {name} package is not in this environment; "
+                  "training goes on without it", flush=True)
+            del wanted[name]
+    if "mlflow" in wanted and wanted["mlflow"]["tracking_uri"].startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file store, asked for knowingly
+    return wanted
 
 
 def once(done: Path, work) -> None:

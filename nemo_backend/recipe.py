@@ -13,9 +13,11 @@ what :func:`build` applies; the mapping's rules live only there.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from launcher.recipe import Recipe
+from launcher.tracking import Tracking, wandb_run_id
 from model.config import ModelConfig
 from nemo_backend.checkpoints import FILENAME as CHECKPOINT_FILENAME
 
@@ -168,8 +170,23 @@ def unsupported(recipe: Recipe) -> list[tuple[str, str]]:
     return out
 
 
-def build(recipe: Recipe, plan: dict, run_dir: str):
-    """The NeMo recipe (``run.Partial``) with :func:`values` applied. Imports NeMo."""
+def tracker_values(cfg: Tracking, run_dir: str, name: str) -> dict[str, dict]:
+    """NeMoLogger's loggers for the run's trackers (launcher.tracking settings, resolved with the profile):
+    Lightning's WandbLogger and MLFlowLogger arguments, the same project/mode/URI rules as the native trainer's."""
+    out = {}
+    if cfg.wandb:
+        out["wandb"] = {"project": cfg.wandb_project, "name": name, "save_dir": cfg.wandb_dir or run_dir,
+                        "offline": cfg.wandb_mode == "offline", "id": wandb_run_id(run_dir), "resume": "allow",
+                        **({"entity": cfg.wandb_entity} if cfg.wandb_entity else {})}
+    if cfg.mlflow:
+        out["mlflow"] = {"experiment_name": cfg.mlflow_experiment, "run_name": name,
+                         "tracking_uri": cfg.mlflow_tracking_uri or Path(run_dir, "mlruns").absolute().as_uri()}
+    return out
+
+
+def build(recipe: Recipe, plan: dict, run_dir: str, trackers: dict[str, dict] | None = None):
+    """The NeMo recipe (``run.Partial``) with :func:`values` applied and ``trackers`` (:func:`tracker_values`)
+    as NeMoLogger's loggers. Imports NeMo."""
     import nemo_run as run
     from nemo.collections import llm
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
@@ -191,6 +208,15 @@ def build(recipe: Recipe, plan: dict, run_dir: str):
     from nemo_backend.requeue import RequeueOnSignal
 
     r.trainer.callbacks = [*(r.trainer.callbacks or []), run.Config(RequeueOnSignal)]  # checkpoint + exit 75 on USR2/TERM
+    trackers = trackers or {}
+    if "wandb" in trackers:
+        from lightning.pytorch.loggers import WandbLogger
+
+        r.log.wandb = run.Config(WandbLogger, **trackers["wandb"])
+    if "mlflow" in trackers:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        r.log.extra_loggers = [*(r.log.extra_loggers or []), run.Config(MLFlowLogger, **trackers["mlflow"])]
     peft = peft_values(recipe)
     if peft is not None:
         for key, value in peft.items():

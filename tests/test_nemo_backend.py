@@ -330,3 +330,31 @@ def test_the_jobs_command_line_runs_from_the_code_snapshot(built):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"wrote {run / 'nemo_recipe.yaml'}" in res.stdout
     assert "nemo_backend.requeue.RequeueOnSignal" in (run / "nemo_recipe.yaml").read_text()
+
+
+def test_trackers_become_nemo_loggers(tmp_path):
+    """tracking.wandb / tracking.mlflow on the nemo backend: NeMoLogger's WandbLogger (offline by default, one W&B run
+    per run directory) and MLFlowLogger (file store in the run directory) with the native trainer's settings; a
+    tracker whose package the environment lacks is a warning, and the job goes on without it."""
+    from launcher.tracking import wandb_run_id
+
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "lora", "--cluster", "h100-8x64", "--dry-run", "--runs-dir",
+                          str(tmp_path), *NEMO, "tracking.wandb=true", "tracking.wandb_project=dsv3", "tracking.mlflow=true"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (run,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    res = subprocess.run([str(NEMO_PYTHON), "-m", "nemo_backend.main", "--run-dir", str(run), "--config-only"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (run / "nemo_recipe.yaml").read_text()
+    log = yaml.safe_load(text)["log"]
+    wandb = log["wandb"]
+    assert wandb["_target_"].endswith("WandbLogger") and wandb["project"] == "dsv3" and wandb["offline"] is True
+    assert wandb["id"] == wandb_run_id(run) and wandb["save_dir"] == str(run)
+    has_mlflow = subprocess.run([str(NEMO_PYTHON), "-c", "import mlflow"], capture_output=True).returncode == 0
+    if has_mlflow:
+        (mlf,) = [x for x in log["extra_loggers"] if x["_target_"].endswith("MLFlowLogger")]
+        assert mlf["tracking_uri"] == (run / "mlruns").as_uri()
+    else:
+        assert "moe-launch: warning: tracker mlflow: the mlflow package is not in this environment" in res.stdout
+        assert "MLFlowLogger" not in text

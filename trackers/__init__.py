@@ -9,11 +9,10 @@ a warning on the console and is dropped; the run goes on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
-from launcher.tracking import Tracking
+from launcher.tracking import Tracking, wandb_run_id
 
 
 def _warn(text: str) -> None:
@@ -36,8 +35,7 @@ class _Wandb:
     def __init__(self, cfg: Tracking, run_dir: Path, run_name: str, config: dict):
         import wandb
 
-        # one W&B run per run directory, across requeues and resumes: a stable id from the directory
-        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        run_id = wandb_run_id(run_dir)
         self.wandb = wandb
         self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode,
                               dir=str(cfg.wandb_dir or run_dir), name=run_name, id=run_id, resume="allow", config=config,
