@@ -35,7 +35,9 @@ def init_distributed(device_kind: str) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        # On GPUs NCCL carries the tensors on the device; the small host-side collectives (token counts, losses,
+        # stop votes, peak memory, objects) go over gloo in the same groups: NCCL alone refuses CPU tensors.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
     return device
 
 
