@@ -145,7 +145,7 @@ def cmd_plan(argv: list[str]) -> int:
     import dataclasses
 
     from launcher import search
-    from launcher.plan import compute_lines, memory_table, plan_dict, search_lines, summary
+    from launcher.plan import comm_lines, compute_lines, memory_table, plan_dict, search_lines, summary
     from launcher.preflight import run_preflight
     from launcher.suggest import min_nodes
 
@@ -178,7 +178,8 @@ def cmd_plan(argv: list[str]) -> int:
     if pre.layout is not None and pre.memory is not None:
         for line in summary(recipe, args.recipe, profile, pre, plan_dict(recipe, profile, pre)):
             print(line)
-        for line in memory_table(recipe, profile, pre.memory_layout or pre.layout) + compute_lines(recipe, profile, pre.layout):
+        for line in (memory_table(recipe, profile, pre.memory_layout or pre.layout) + compute_lines(recipe, profile, pre.layout)
+                     + comm_lines(recipe, profile, pre.layout)):
             print(line)
     for prob in pre.errors:
         print(f"error    {prob}")

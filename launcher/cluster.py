@@ -29,6 +29,16 @@ class Gpu:
 
 
 @dataclass
+class Interconnect:
+    """Achievable bandwidth per GPU (GB/s, one direction) and per-collective latency, for the planner's
+    communication model (launcher.comm). `launch bench comm` measures them into a measured overlay."""
+
+    intra_node_gbps: float = 360.0  # NVLink 4 (H100 SXM): ~450 GB/s peak per GPU
+    inter_node_gbps: float = 40.0  # one 400 Gb/s NIC per GPU: 50 GB/s peak
+    latency_us: float = 10.0
+
+
+@dataclass
 class Slurm:
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -61,6 +71,7 @@ class ClusterProfile:
     nodes: int = 1
     gpus_per_node: int = 8  # on a cpu profile: processes per node
     gpu: Gpu = field(default_factory=Gpu)
+    interconnect: Interconnect = field(default_factory=Interconnect)
     slurm: Slurm = field(default_factory=Slurm)
     container: Container = field(default_factory=Container)
     env: Dict[str, str] = field(default_factory=dict, metadata={"multiline": True})  # exported in the job, byte for byte

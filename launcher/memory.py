@@ -229,6 +229,24 @@ def _group_static(recipe, kind: str, lay: Layout, rkey: tuple) -> tuple:
     return hit
 
 
+_PARAM_CACHE: dict[tuple, tuple] = {}
+
+
+def group_params(recipe, kind: str, lay: Layout, rkey: tuple) -> tuple[int, int, int, int]:
+    """Model-parallel-local elements of one FSDP group kind, what FSDP gathers and reduces (launcher.comm):
+    (dense, experts, trainable dense, trainable experts)."""
+    key = (rkey, kind, lay.tp, lay.ep, lay.etp, lay.sp)
+    hit = _PARAM_CACHE.get(key)
+    if hit is None:
+        frozen, trainable = _group_tensors(recipe, kind, lay)
+        mp = lambda ts, expert: sum(_numel(model_parallel_shape(t, lay)) for t in ts if t.expert == expert)  # noqa: E731
+        hit = (mp(frozen, False) + mp(trainable, False), mp(frozen, True) + mp(trainable, True), mp(trainable, False), mp(trainable, True))
+        if len(_PARAM_CACHE) > 100_000:
+            _PARAM_CACHE.clear()
+        _PARAM_CACHE[key] = hit
+    return hit
+
+
 def rank_groups(recipe, lay: Layout, r: int, layers: list[int]) -> dict[str, int]:
     """How many FSDP groups of each kind pipeline rank ``r`` holds (decoder layers, MTP blocks, root parts);
     ``layers``: its decoder layers (:func:`rank_layers`)."""

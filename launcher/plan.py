@@ -40,8 +40,23 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
                    "total_per_pp_rank_gib": [round(e.total / GiB, 3) for e in ranks]},
         "compute": {"flops_per_step": flops, "assumed_mfu": profile.gpu.assumed_mfu,
                     "est_step_seconds": round(step_s, 4), "est_tokens_per_day": int(tokens / step_s * 86400) if step_s else None},
+        "comm": comm_dict(recipe, profile, lay),
         "warnings": [str(p) for p in pre.warnings],
     }
+
+
+def comm_dict(recipe: Recipe, profile: ClusterProfile, lay) -> dict:
+    """plan.yaml's communication section: the step time with communication and its terms (launcher.comm)."""
+    from launcher.comm import step_terms
+    from launcher.search import step_time
+
+    net = profile.interconnect
+    st = step_time(recipe, profile, lay, recipe.parallel.recompute)
+    return {"est_step_seconds": round(st.total, 4), "compute_seconds": round(st.compute, 4),
+            "exposed_seconds": round(st.exposed_comm, 4), "overlapped_seconds": round(st.overlapped_comm, 4),
+            "terms": [{"name": x.name, "intra_node_bytes": int(x.intra_bytes), "inter_node_bytes": int(x.inter_bytes),
+                       "seconds": round(x.seconds(net), 5), "overlapped": x.overlapped}
+                      for x in step_terms(recipe, lay, profile.gpus_per_node)]}
 
 
 def format_table(rows: list[list[str]], left: int = 0) -> list[str]:
@@ -72,7 +87,8 @@ def summary(recipe: Recipe, recipe_file: str, profile: ClusterProfile, pre: Pref
         f"         {table[1]}" + ("   (* derived)" if lay.derived else ""),
         f"memory   {pre.memory.summary()}",
         f"step     {plan['batch']['global']} x {recipe.data.seq_length} tokens, {plan['batch']['microbatches_per_step']} micro-batches per DP rank; "
-        f"~{c['est_step_seconds']:.3g} s/step at {c['assumed_mfu']:.0%} MFU" + (f", ~{_si(c['est_tokens_per_day'])} tokens/day" if c["est_tokens_per_day"] else ""),
+        f"~{c['est_step_seconds']:.3g} s/step at {c['assumed_mfu']:.0%} MFU" + (f", ~{_si(c['est_tokens_per_day'])} tokens/day" if c["est_tokens_per_day"] else "")
+        + f"; ~{plan['comm']['est_step_seconds']:.3g} s with pipeline bubble, recompute and communication (launch plan)",
     ]
     if lay.cp > 1 and recipe.backend.name == "native":
         from launcher.comm import cp_attention_bytes
@@ -120,6 +136,30 @@ def compute_lines(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
             f"routed experts {terms['experts'] / 1e9:.1f}) x {tokens:,} tokens = {per_token * tokens / 1e15:.3g} PFLOP per step",
             f"         ~{step:.3g} s/step at {profile.gpu.assumed_mfu:.0%} MFU on {lay.world} {'GPUs' if profile.device == 'cuda' else 'processes'} "
             f"({profile.gpu.peak_tflops:g} TFLOPS peak each), ~{_si(tokens / step * 86400) if step else '?'} tokens/day"]
+
+
+def comm_lines(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
+    """The communication table of ``lay``: bytes per step and rank by term, in node and across, and the step time with it."""
+    from launcher.comm import step_terms
+    from launcher.search import step_time
+
+    net = profile.interconnect
+    terms = step_terms(recipe, lay, profile.gpus_per_node)
+    st = step_time(recipe, profile, lay, recipe.parallel.recompute)
+    lines = [f"comm     per step, one rank of the fullest pipeline stage (GB sent; {net.intra_node_gbps:g} GB/s per GPU in a node, "
+             f"{net.inter_node_gbps:g} GB/s across, {net.latency_us:g} us per call)"]
+    if terms:
+        rows = [["term", "overlap", "in node", "across", "seconds", "  collective"]]
+        for x in terms:
+            rows.append([x.name, "behind compute" if x.overlapped else "exposed", f"{x.intra_bytes / 1e9:.2f}",
+                         f"{x.inter_bytes / 1e9:.2f}", f"{x.seconds(net):.3g}", "  " + x.what])
+        table = format_table([r[:5] for r in rows], left=2)
+        lines += ["         " + ln + r[5] for ln, r in zip(table, rows)]
+    else:
+        lines.append("         none: one rank, or nothing this layout splits")
+    lines.append(f"step     ~{st.total:.3g} s = compute {st.compute:.3g} s (with recompute and pipeline bubble) + exposed comm {st.exposed_comm:.3g} s"
+                 f" + FSDP/optimizer traffic beyond compute {max(0.0, st.overlapped_comm - st.compute):.3g} s")
+    return lines
 
 
 def search_lines(candidates, profile: ClusterProfile, top: int) -> list[str]:

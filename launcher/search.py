@@ -1,9 +1,9 @@
 """Layout search: every valid layout of a recipe on a cluster, ranked; and the fewest nodes that fit.
 
 Validity and memory come from one place, ``preflight.check_layout``; this module only enumerates
-and ranks (see :meth:`Candidate.rank_key`): fits before at risk, TP and EP inside a node before
-layouts whose TP or expert all-to-all crosses nodes, less recomputation, less model parallelism,
-then the estimated step time (compute at the profile's MFU, recompute overhead, pipeline bubble).
+and ranks (see :meth:`Candidate.rank_key`): fits before at risk, then the estimated step time
+(compute at the profile's MFU with recompute overhead and pipeline bubble, plus the communication it
+cannot hide, launcher.comm).
 
 The fewest-nodes search uses that memory never grows with data parallelism (more DP shards more,
 and leaves fewer micro-batches in flight): per model-parallel shape it looks for the smallest DP that
@@ -36,13 +36,11 @@ class Candidate:
         return self.pre.layout
 
     def rank_key(self) -> tuple:
-        """Fits first; TP and EP inside a node; less recomputation; less model parallelism (TP x PP x CP:
-        more DP leaves less communication exposed, as Megatron practice has it); then the estimated step
-        time (recompute and pipeline bubble); then memory headroom."""
+        """Fits first; then the estimated step time: compute (recompute overhead, pipeline bubble) plus the
+        communication it cannot hide (launcher.comm: TP/SP, expert all-to-all, PP, CP, and FSDP beyond
+        compute, each inside or across nodes at the profile's bandwidths); then memory headroom."""
         fit = {"fits": 0, "at risk": 1}.get(self.pre.memory.verdict, 2)
-        lay = self.layout
-        return (fit, len(self.cross_node), RECOMPUTE_COST[self.recompute], lay.tp * lay.pp * lay.cp, self.step_seconds,
-                self.pre.memory.total)
+        return (fit, round(self.step_seconds, 6), self.pre.memory.total)
 
 
 def variant(recipe: Recipe, tp: int, vpp: int, recompute: str) -> Recipe:
@@ -52,14 +50,39 @@ def variant(recipe: Recipe, tp: int, vpp: int, recompute: str) -> Recipe:
     return dataclasses.replace(recipe, parallel=par)
 
 
-def step_seconds(recipe: Recipe, profile: ClusterProfile, pre: Preflight, recompute: str, flops_per_token: float | None = None) -> float:
-    lay, t = pre.layout, recipe.train
+@dataclass(frozen=True)
+class StepTime:
+    """A step's estimated seconds: compute (at the profile's MFU, recompute overhead and pipeline bubble
+    included) plus the communication it cannot hide (launcher.comm: overlapped terms count beyond compute)."""
+
+    compute: float
+    exposed_comm: float  # TP, EP, PP, CP: on the critical path
+    overlapped_comm: float  # FSDP: prefetched behind compute
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.exposed_comm + max(0.0, self.overlapped_comm - self.compute)
+
+
+def step_time(recipe: Recipe, profile: ClusterProfile, lay, recompute: str, flops_per_token: float | None = None) -> StepTime:
+    from launcher.comm import step_terms
+
+    t = recipe.train
     tokens = t.global_batch_size * recipe.data.seq_length
     per_token = flops_per_token or recipe.model.train_flops_per_token(recipe.data.seq_length)
     compute = per_token * tokens * RECOMPUTE_COST[recompute]
     micro = max(t.global_batch_size // (t.micro_batch_size * lay.dp), 1)
     bubble = 1 + (lay.pp - 1) / (micro * lay.vpp)  # 1F1B idle time; interleaving divides it by VPP
-    return compute * bubble / (lay.world * profile.gpu.peak_tflops * 1e12 * profile.gpu.assumed_mfu)
+    seconds = compute * bubble / (lay.world * profile.gpu.peak_tflops * 1e12 * profile.gpu.assumed_mfu)
+    terms = step_terms(dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, recompute=recompute)),
+                       lay, profile.gpus_per_node)
+    net = profile.interconnect
+    return StepTime(seconds, sum(x.seconds(net) for x in terms if not x.overlapped),
+                    sum(x.seconds(net) for x in terms if x.overlapped))
+
+
+def step_seconds(recipe: Recipe, profile: ClusterProfile, pre: Preflight, recompute: str, flops_per_token: float | None = None) -> float:
+    return step_time(recipe, profile, pre.layout, recompute, flops_per_token).total
 
 
 def _cross_node(lay, gpn: int) -> tuple[str, ...]:

@@ -58,22 +58,47 @@ def test_plan_table_has_every_rank_and_the_flops_split():
     assert "tokens/day" in res.stdout
 
 
-def test_search_ranks_fitting_node_local_layouts_first():
+def test_search_ranks_fitting_layouts_by_step_time_with_communication():
     res = run_launch("plan", "recipes/full_ft.py", "--cluster", "h100-8x64", "--search", "--top", "5")
     assert res.returncode == 0, res.stdout + res.stderr
     rows = res.stdout.split("best first")[1].splitlines()[2:7]
-    assert rows and all(" fits " in row and row.rstrip().endswith("-") for row in rows), rows
+    assert rows and all(" fits " in row for row in rows), rows
+    times = [float(row.split()[11]) for row in rows]
+    assert times == sorted(times)
     assert "fewest nodes that fit: " in res.stdout
 
 
-def test_search_orders_by_fit_then_locality():
+def test_search_orders_by_fit_then_step_time():
     r = load_recipe("full_ft_16b")[0]
     cands = search.layouts(r, load_profile("h100-8x4")[0])
     keys = [c.rank_key() for c in cands]
     assert keys == sorted(keys) and cands
     assert all(c.pre.ok for c in cands)
-    first_cross = next((i for i, c in enumerate(cands) if c.cross_node), len(cands))
-    assert all(not c.cross_node for c in cands[:first_cross])
+    fitting = [c.step_seconds for c in cands if c.pre.memory.verdict == "fits"]
+    assert fitting == sorted(fitting)
+
+
+def test_expert_all_to_all_across_nodes_and_tp_inside_a_node_no_longer_tie():
+    """DeepSeek-V3 full SFT on 64 nodes: TP1 PP8 EP64 (the expert all-to-all crosses the network) and TP8+SP PP8
+    (TP traffic inside the node; experts split by TP) get different step times, and the plan says which terms
+    differ: EP mostly across nodes in one, TP inside the node and FSDP-gathered experts in the other."""
+    from launcher.comm import step_terms
+    from launcher.plan import plan_dict
+
+    prof = load_profile("h100-8x64")[0]
+    ep = plan("full_ft", 64)
+    tp = plan("full_ft", 64, ["parallel.tp=8", "parallel.ep=1", "parallel.etp=8", "parallel.sp=true"])
+    assert ep.ok and tp.ok
+    r = load_recipe("full_ft")[0]
+    r_tp = apply_overrides(r, ["parallel.tp=8", "parallel.ep=1", "parallel.etp=8", "parallel.sp=true"])
+    a, b = plan_dict(r, prof, ep)["comm"], plan_dict(r_tp, prof, tp)["comm"]
+    assert abs(a["est_step_seconds"] - b["est_step_seconds"]) > 0.1 * min(a["est_step_seconds"], b["est_step_seconds"])
+    ta = {x.name: x for x in step_terms(r, ep.layout, 8)}
+    tb = {x.name: x for x in step_terms(r_tp, tp.layout, 8)}
+    assert "EP" in ta and ta["EP"].inter_bytes > 7 * ta["EP"].intra_bytes  # 8 of 64 EP ranks share a node
+    assert "TP" in tb and tb["TP"].inter_bytes == 0 and "EP" not in tb
+    res = run_launch("plan", "recipes/full_ft.py", "--cluster", "h100-8x64")
+    assert "comm     per step" in res.stdout and " EP " in res.stdout and "step     ~" in res.stdout
 
 
 @pytest.mark.parametrize("recipe, overrides", [("full_ft_16b", []), ("lora", []), ("full_ft_16b", NEMO)])
