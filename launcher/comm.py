@@ -102,8 +102,9 @@ def members_in_node(lay, dims: tuple[str, ...], gpn: int) -> int:
 RECOMPUTE_FORWARD = {"none": 0.0, "selective": 0.5, "full": 1.0}  # forward comm replayed in backward (share of the layer's)
 
 
-def step_terms(recipe, lay, gpus_per_node: int) -> list[CommTerm]:
-    """The per-step communication of the fullest pipeline rank of ``lay`` (``recipe``: launcher.recipe.Recipe).
+def step_terms(recipe, lay, gpus_per_node: int, pp_rank: int | None = None) -> list[CommTerm]:
+    """The per-step communication of one rank of pipeline rank ``pp_rank`` of ``lay`` (default: the one with
+    the most layers; ``recipe``: launcher.recipe.Recipe).
 
     The device mesh is (pp, edp, ep, cp, tp), TP innermost (trainer.parallel.build_meshes): TP groups are
     consecutive ranks, CP groups ranks TP apart, EP groups ranks CP x TP apart, DP groups ranks CP x TP apart
@@ -117,18 +118,27 @@ def step_terms(recipe, lay, gpus_per_node: int) -> list[CommTerm]:
     tokens = t.micro_batch_size * recipe.data.seq_length / lay.cp  # per micro-batch and rank
     h, gpn = m.hidden_size, gpus_per_node
     ranks = rank_layers(m.num_hidden_layers, lay.pp, lay.vpp, megatron(recipe))
-    r = max(range(lay.pp), key=lambda i: len(ranks[i]))
+    r = max(range(lay.pp), key=lambda i: len(ranks[i])) if pp_rank is None else pp_rank
     groups = rank_groups(recipe, lay, r, ranks[r])
     layers = groups["dense"] + groups["moe"] + groups["mtp"]
     moe_layers = groups["moe"] + (groups["mtp"] if m.n_routed_experts else 0)
     replay = 1 + RECOMPUTE_FORWARD[par.recompute] / 2  # forward is half of a layer's collectives
     out = []
-    if lay.tp > 1:  # per layer: attention and MLP each gather (SP) / all-reduce their activations, forward and backward
+    if lay.tp > 1:
+        # in units of (n-1)/n x a micro-batch's activations (tokens x hidden), forward and backward together: attention
+        # and a dense MLP each 4 (SP: gather in, reduce-scatter out and the reverse in backward; without SP the same
+        # bytes as one all-reduce each way); a MoE layer 4 for attention, 4 for its shared experts (output all-reduced),
+        # with SP 4 more (it gathers the sequence to route it), and with experts split by TP (ETP = TP) an all-reduce
+        # of the routed copies' outputs each way: 4 x top-k
         n = lay.tp
-        per = 4 * 2 * (n - 1) / n * tokens * h * act  # 4 all-reduces (or 8 SP gathers/scatters of half the bytes)
-        total = per * layers * micro * replay
-        out.append(CommTerm("TP", "SP all-gather + reduce-scatter of activations" if lay.sp else "all-reduce of activations",
-                            *_split(total, members_in_node(lay, ("tp",), gpn) - 1, n - 1), int(8 * layers * micro * replay), False))
+        unit = (n - 1) / n * tokens * h * act
+        etp = 4 * m.num_experts_per_tok if lay.etp == lay.tp and lay.ep == 1 else 0
+        moe_units = 8 + (4 if lay.sp else 0) + etp
+        units = 8 * (layers - moe_layers) + moe_units * moe_layers
+        total = unit * units * micro * replay
+        out.append(CommTerm("TP", ("SP all-gather + reduce-scatter of activations" if lay.sp else "all-reduce of activations")
+                            + (", all-reduce of the routed copies (ETP)" if etp else ""),
+                            *_split(total, members_in_node(lay, ("tp",), gpn) - 1, n - 1), int(units / 2 * micro * replay), False))
     if lay.ep > 1 and moe_layers:  # dispatch and combine the routed copies; again in backward
         n = lay.ep
         per = 4 * tokens * m.num_experts_per_tok * h * act * (n - 1) / n
@@ -142,10 +152,18 @@ def step_terms(recipe, lay, gpus_per_node: int) -> list[CommTerm]:
         out.append(CommTerm("CP", "all-gather of the latent, reduce-scatter of its gradient",
                             *_split(total, members_in_node(lay, ("cp",), gpn) - 1, n - 1), int(2 * layers * micro * replay), False))
     if lay.pp > 1:  # a middle rank sends its output forward and its input's gradient backward, per micro-batch and chunk
-        total = 2 * tokens * h * act / (lay.tp if lay.sp else 1) * micro * lay.vpp
+        # (with two stages each rank sends one of them); with MTP the first and last stage also sum their
+        # embedding copies' gradients once per step (trainer.pipeline.sync_shared_embedding)
+        directions = 2 if lay.pp * lay.vpp > 2 else 1
+        total = directions * tokens * h * act / (lay.tp if lay.sp else 1) * micro * lay.vpp
+        uses_mtp = m.num_nextn_predict_layers > 0 and t.mtp_loss_weight > 0
+        if uses_mtp and r in (0, (lay.pp * lay.vpp - 1) % lay.pp):  # the two embedding copies: first and last stage
+            from launcher.memory import _group_key, group_params
+
+            total += group_params(recipe, "embed", lay, _group_key(recipe))[0] * 4 / (lay.dp * lay.cp)
         crosses = lay.world // lay.pp >= gpn  # the next stage is world / PP ranks away
         out.append(CommTerm("PP", "send/recv of activations and their gradients", 0.0 if crosses else total, total if crosses else 0.0,
-                            2 * micro * lay.vpp, False))
+                            directions * micro * lay.vpp, False))
     native = recipe.backend.name == "native"
     if groups:
         param = 2 if t.precision == "bf16" else 4
@@ -153,18 +171,29 @@ def step_terms(recipe, lay, gpus_per_node: int) -> list[CommTerm]:
         for kind, count in groups.items():
             if count:
                 p = group_params(recipe, kind, lay, _group_key(recipe))
-                dense_all, exp_all = dense_all + count * p[0], exp_all + count * p[1]
+                # FSDP2 reshards a layer after its forward and gathers it again for backward; the root module
+                # (embedding, head) stays gathered from forward to backward: once per micro-batch. Under PP the
+                # pipeline schedule keeps what backward gathered until the step ends (reshard_after_backward off
+                # for all but the last micro-batch): a layer is gathered for the first forward and each backward,
+                # the root once
+                if lay.pp > 1:
+                    times = 1 if kind in ("embed", "head") else micro + 1
+                else:
+                    times = micro if kind in ("embed", "head") else 2 * micro
+                dense_all, exp_all = dense_all + times * count * p[0], exp_all + times * count * p[1]
                 dense_train, exp_train = dense_train + count * p[2], exp_train + count * p[3]
         for name, n, dims, gathered, trained in (("FSDP dense", lay.dp * lay.cp, ("edp", "ep", "cp"), dense_all, dense_train),
                                                  ("FSDP experts", lay.dp * lay.cp // lay.ep, ("edp", "cp"), exp_all, exp_train)):
             if n <= 1 or not gathered:
                 continue
-            if native:  # FSDP2: parameters gathered for each micro-batch's forward and again for its backward;
-                # gradients (fp32) reduce-scattered once per step
-                total = (2 * micro * gathered * param + trained * 4) * (n - 1) / n
-                calls, what = 2 * micro + 1, "all-gather of parameters per micro-batch (fwd + bwd), reduce-scatter of gradients"
+            if native:  # FSDP2: parameters gathered as counted above (``gathered``: elements x gathers); gradients
+                # (fp32) reduce-scattered once per step
+                total = (gathered * param + trained * 4) * (n - 1) / n
+                calls = (micro + 2) if lay.pp > 1 else (2 * micro + 1)
+                what = ("all-gather of parameters (first forward, each backward)" if lay.pp > 1 else
+                        "all-gather of parameters per micro-batch (fwd + bwd)") + ", reduce-scatter of gradients"
             else:  # Megatron's distributed optimizer: gradients reduce-scattered, then parameters gathered, once per step
-                total = (trained * param + trained * param) * (n - 1) / n
+                total = 2 * trained * param * (n - 1) / n
                 calls, what = 2, "reduce-scatter of gradients, all-gather of updated parameters (distributed optimizer)"
                 name = name.replace("FSDP", "DistOpt")
             out.append(CommTerm(name, what, *_split(total, members_in_node(lay, dims, gpn) - 1, n - 1), int(calls), True))

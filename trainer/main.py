@@ -227,8 +227,15 @@ def train(run_dir: Path) -> int:
     step, last_checkpoint = start, found
     writer = meshes.dp.get_local_rank() == 0 and cp_rank == 0 and meshes.tp.get_local_rank() == 0
     load_log = ExpertLoadRecorder(run_dir, model, train_cfg.expert_load_interval, pp_rank, writer, start if found is not None else None)
+    count_step = int(os.environ.get("MOE_LAUNCH_COUNT_COMM", "0"))  # trainer.comm_count: bytes of one step, for tests
     while step < train_cfg.max_steps:
         t0 = time.perf_counter()
+        counter = None
+        if count_step == step + 1:
+            from trainer.comm_count import CommCounter
+
+            counter = CommCounter()
+            counter.__enter__()
         lr = lr_at(step, train_cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -288,6 +295,11 @@ def train(run_dir: Path) -> int:
         if val_set is not None and (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps):
             metrics.update(validation_loss(model, val_set, train_cfg.micro_batch_size, device, meshes, layout["tp"], schedule,
                                            stages, n_micro, depth, prepare=this_rank_part))
+        if counter is not None:
+            from trainer.comm_count import write
+
+            counter.__exit__(None, None, None)
+            write(counter.records, run_dir, rank)
         log.log(step, metrics, console=step % train_cfg.log_interval == 0 or step == train_cfg.max_steps or step == start + 1)
         interval_hit = recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0
         if interval_hit or step == train_cfg.max_steps or stop_votes > 0:
