@@ -13,6 +13,7 @@
   launch generate RUN|HF_DIR --prompt TEXT | --input FILE.jsonl --cluster NAME
   launch eval RUN [--split test] --cluster NAME   answers of the split -> results.csv, summary.json
   launch report RUN... [--out DIR]   an HTML page and PNG figures of a run (several: a sweep; a pipeline)
+  launch bench comm --cluster NAME   measure the cluster's collective bandwidths (the planner's interconnect)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _COMMANDS = [
      ["launch data tokens corpus/*.jsonl --out data/train.bin --tokenizer /ckpt/tokenizer --workers 8"]),
     ("launch report RUN... [--out DIR]", "HTML page + PNG figures: loss, throughput, memory vs plan, expert-load heat map",
      ["launch report 20261202-101500-smoke-local", "launch report RUN_A RUN_B --out /tmp/lr-sweep"]),
+    ("launch bench comm --cluster NAME", "measure collective bandwidth in a node and across nodes for the planner",
+     ["launch bench comm --cluster local-slurm-2n"]),
     ("launch list | status | logs | cancel [RUN]", "follow runs (list --state/--recipe/--since; logs -f)",
      ["launch list --state failed --since 2d", "launch status 1234"]),
     ("launch clusters | recipes", "the cluster profiles and shipped recipes", []),
@@ -475,6 +478,42 @@ def cmd_clusters() -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """``launch bench comm --cluster NAME``: measure the cluster's collective bandwidths for the planner."""
+    from launcher import submission, tasks
+
+    p = argparse.ArgumentParser(
+        prog="launch bench", description="comm: a short job on every node of the cluster that measures all-reduce, all-gather, "
+        "reduce-scatter and all-to-all bandwidth inside a node and across nodes (torch.distributed: NCCL on GPUs, gloo on CPUs) "
+        "and writes the figures to ~/.config/moe-launch/measured/<profile>.yaml, which `launch plan` then uses for that "
+        "profile's communication times (the profile file is never rewritten; delete the measured file to go back).",
+        epilog="example: launch bench comm --cluster local-slurm-2n")
+    p.add_argument("what", choices=["comm"], help="what to measure")
+    p.add_argument("--cluster", "-c", required=True, help="cluster profile")
+    p.add_argument("--runs-dir", help="where the job's run directory goes")
+    p.add_argument("--dry-run", action="store_true", help="render and show the job, submit nothing")
+    args = p.parse_args(argv)
+    profile, _ = cluster.load_profile(args.cluster)
+    root = rundir.runs_root(args.runs_dir, profile.runs_dir)
+    prepared = tasks.prepare_bench(profile, root)
+    if not args.dry_run:
+        submission.check_can_run(profile)
+    job = tasks.write_job(prepared, profile, root, ["bench", *argv], args.dry_run)
+    out = sys.stderr if args.dry_run else sys.stdout
+    for line in prepared.lines:
+        print(line, file=out)
+    print(f"run dir  {job.run_dir}", file=out)
+    if args.dry_run:
+        print(f"dry run: nothing submitted; the script is {job.run_dir / job.script_name}", file=out)
+        sys.stdout.write(job.files[job.script_name])
+        return 0
+    if profile.executor == "slurm":
+        submission.submit_runs([job], out)
+        print(f"then     launch status {job.run_dir.name}; launch plan RECIPE --cluster {profile.name} uses the figures", file=out)
+        return 0
+    return submission.run_locally([job], False)
+
+
 def cmd_report(argv: list[str]) -> int:
     """``launch report RUN... [--out DIR]``: a run's report; several runs (or a sweep's job array): one overlay page;
     a pipeline's name: one page linking its stages."""
@@ -561,6 +600,8 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_resume(argv[1:])
     if argv[:1] == ["report"]:
         return cmd_report(argv[1:])
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     if argv[:1] == ["data"]:
         from dataprep.cli import main as data_main
 

@@ -36,6 +36,7 @@ class Interconnect:
     intra_node_gbps: float = 360.0  # NVLink 4 (H100 SXM): ~450 GB/s peak per GPU
     inter_node_gbps: float = 40.0  # one 400 Gb/s NIC per GPU: 50 GB/s peak
     latency_us: float = 10.0
+    measured: Optional[str] = None  # set from the measured overlay: when and by which run (never written by hand)
 
 
 @dataclass
@@ -157,4 +158,31 @@ def load_profile(name: str) -> tuple[ClusterProfile, Path]:
     profile = config_io.load_yaml_into(ClusterProfile, path)
     check_profile(profile, path)
     check_slurm_fields(profile, f"{path}: ")
-    return profile, path
+    return with_measured(profile), path
+
+
+def measured_path(name: str) -> Path:
+    """Where `launch bench comm` writes a profile's measured interconnect: beside the user's profiles, in a
+    folder of its own (not on the profile search path; the profile file itself is never rewritten)."""
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config_home / "moe-launch" / "measured" / f"{name}.yaml"
+
+
+def with_measured(profile: ClusterProfile) -> ClusterProfile:
+    """The profile with its measured interconnect figures, where `launch bench comm` has measured them."""
+    import dataclasses
+
+    path = measured_path(profile.name)
+    if not path.is_file():
+        return profile
+    import yaml
+
+    try:
+        data = (yaml.safe_load(path.read_text()) or {}).get("interconnect") or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"not valid YAML ({exc}); delete it or run `launch bench comm` again", str(path)) from None
+    known = {k: float(v) for k, v in data.items() if k in ("intra_node_gbps", "inter_node_gbps", "latency_us") and v}
+    if not known:
+        return profile
+    net = dataclasses.replace(profile.interconnect, **known, measured=str(data.get("measured") or path))
+    return dataclasses.replace(profile, interconnect=net)

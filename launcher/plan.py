@@ -146,8 +146,9 @@ def comm_lines(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
     net = profile.interconnect
     terms = step_terms(recipe, lay, profile.gpus_per_node)
     st = step_time(recipe, profile, lay, recipe.parallel.recompute)
-    lines = [f"comm     per step, one rank of the fullest pipeline stage (GB sent; {net.intra_node_gbps:g} GB/s per GPU in a node, "
-             f"{net.inter_node_gbps:g} GB/s across, {net.latency_us:g} us per call)"]
+    lines = [f"comm     per step, one rank of the fullest pipeline stage (GB sent; {net.intra_node_gbps:.3g} GB/s per GPU in a node, "
+             f"{net.inter_node_gbps:.3g} GB/s across, {net.latency_us:.3g} us per call; "
+             + (f"measured: {net.measured})" if net.measured else "the profile's figures; `launch bench comm` measures them)")]
     if terms:
         rows = [["term", "overlap", "in node", "across", "seconds", "  collective"]]
         for x in terms:

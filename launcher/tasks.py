@@ -26,7 +26,7 @@ from launcher.rundir import load_run_recipe
 
 TASK_FILE = "task.yaml"
 PROMPTS_FILE = "prompts.jsonl"  # generate: the prompts, copied into the job's run directory
-ENTRY_MODULES = {"export": "export.main", "generate": "generation.main", "eval": "evaluation.main"}
+ENTRY_MODULES = {"export": "export.main", "generate": "generation.main", "eval": "evaluation.main", "bench": "commbench.main"}
 NEMO_EXPORT_MODULE = "nemo_backend.export"  # a nemo run's export: NeMo's exporter, in the run's container
 FORMATS = ("hf", "merged", "peft")
 DTYPES = ("bf16", "fp32")
@@ -40,9 +40,9 @@ PEFT_EXPRESSIBLE = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_
 class Task:
     """What a job on a trained model does; the job reads it from ``task.yaml``."""
 
-    kind: str  # export | generate | eval
-    source: str  # a training run's directory, or (generate) a Hugging Face model directory
-    source_kind: str = "run"  # run | hf
+    kind: str  # export | generate | eval | bench
+    source: str  # a training run's directory, or (generate) a Hugging Face model directory; bench: the runs directory
+    source_kind: str = "run"  # run | hf | cluster (bench)
     checkpoint: Optional[str] = None  # the run's checkpoint (step directory)
     step: Optional[int] = None
     out: Optional[str] = None  # export: the model directory; eval: the results directory; generate: a .jsonl file
@@ -198,8 +198,22 @@ def job_image(prepared: "Prepared", profile) -> str | None:
     return (prepared.recipe.backend.container_image if prepared.recipe is not None else None) or profile.container.image
 
 
+def prepare_bench(profile, root: Path) -> Prepared:
+    """`launch bench comm`: every node and process of the profile; the measured figures go to its overlay."""
+    from launcher.cluster import measured_path
+
+    out = measured_path(profile.name)
+    layout = _job_layout(profile, profile.nodes)
+    task = Task(kind="bench", source=str(root), source_kind="cluster", out=str(out))
+    lines = [f"bench    all-reduce, all-gather, reduce-scatter and all-to-all inside a node and across nodes on "
+             f"{profile.describe()}", f"writes   {out} (the planner's interconnect for {profile.name}; the profile stays as it is)"]
+    return Prepared(task, layout, lines, None, {})
+
+
 def job_label(prepared: "Prepared") -> str:
     t = prepared.task
+    if t.kind == "bench":
+        return "bench-comm"
     return f"{t.kind}-{prepared.recipe.name if prepared.recipe is not None else Path(t.source).name}"
 
 
@@ -215,7 +229,8 @@ def render_job(prepared: "Prepared", profile, run_dir: Path, argv: list[str], dr
     nemo = uses_nemo(prepared)
     script = render(RenderInput(prepared.recipe or Recipe(name=label), profile, layout, str(run_dir), python=python,
                                 entry_module=NEMO_EXPORT_MODULE if nemo else ENTRY_MODULES[task.kind], job_name=label,
-                                what={"export": "export", "generate": "generation", "eval": "evaluation"}[task.kind]))
+                                what={"export": "export", "generate": "generation", "eval": "evaluation",
+                                      "bench": "communication benchmark"}[task.kind]))
     plan = {"cluster": profile.name, "task": task.kind, "source": task.source, "layout": layout.dims(),
             "nodes": layout.nodes, "processes_per_node": layout.gpus_per_node}
     meta = {**provenance.metadata(argv, Path(task.source), dry_run), "task": {"kind": task.kind, "source": task.source}, **(meta_extra or {})}

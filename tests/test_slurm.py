@@ -380,3 +380,28 @@ def test_node_failure_requeues_and_resumes_from_the_last_checkpoint(tmp_path):
     rewound = [json.loads(line) for line in (run / "metrics.rewound.jsonl").read_text().splitlines()]
     assert rewound and rewound[0]["step"] % 5 == 1 and min(saved) == 5
     assert all(r["loss"] == records[r["step"] - 1]["loss"] for r in rewound)  # the same steps again, the same losses
+
+
+@two_nodes
+def test_bench_comm_measures_the_cluster_and_the_next_plan_uses_it(tmp_path):
+    """`launch bench comm` on the 2-node cluster: a job that measures the collectives across the nodes writes the
+    profile's measured overlay (in the user's config dir, the profile untouched), and `launch plan` on that profile
+    times its communication with the measured figures from then on."""
+    before = launch("plan", "recipes/smoke.py", "--cluster", "local-slurm-2n").stdout
+    assert "the profile's figures" in before
+    runs = tmp_path / "runs"
+    res = launch("bench", "comm", "--cluster", "local-slurm-2n", "--runs-dir", str(runs))
+    assert res.returncode == 0, res.stderr
+    run, job = the_run(runs)
+    wait_gone(job)
+    log = (run / "logs" / f"slurm-{job}.out").read_text()
+    assert "inter node: all_reduce" in log and "job step exited 0" in log, log[-3000:]
+    overlay = Path(os.environ["XDG_CONFIG_HOME"]) / "moe-launch" / "measured" / "local-slurm-2n.yaml"
+    net = yaml.safe_load(overlay.read_text())["interconnect"]
+    measured = json.loads((run / "comm_bench.json").read_text())
+    assert net["inter_node_gbps"] > 0 and set(measured["nodes"].values()) == {1} and len(measured["nodes"]) == 2
+    after = launch("plan", "recipes/smoke.py", "--cluster", "local-slurm-2n").stdout
+    assert "measured: " in after and f"{net['inter_node_gbps']:.3g} GB/s across" in after, after
+    step = lambda out: next(ln for ln in out.splitlines() if ln.startswith("step     ~"))  # noqa: E731
+    assert step(after) != step(before)  # the smoke layout's all-to-all crosses the two nodes: its time changed
+    assert "measured" not in (ROOT / "clusters" / "local-slurm-2n.yaml").read_text()
