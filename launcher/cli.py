@@ -454,16 +454,25 @@ def cmd_task(name: str, argv: list[str]) -> int:
     # the job's run directory goes beside the run it works on (a Hugging Face directory: under the runs directory)
     task = prepared.task
     job = tasks.write_job(prepared, profile, Path(task.source).parent if task.source_kind == "run" else root, [name, *argv], args.dry_run)
-    out = sys.stderr if args.dry_run else sys.stdout
+    return _start_job(prepared, profile, job, args.dry_run)
+
+
+def _start_job(prepared, profile, job, dry_run: bool, then: str | None = None) -> int:
+    """Show a written job's summary, then print its script (dry run), submit it (Slurm) or run it here (local)."""
+    from launcher import submission
+
+    out = sys.stderr if dry_run else sys.stdout
     for line in prepared.lines:
         print(line, file=out)
     print(f"run dir  {job.run_dir}", file=out)
-    if args.dry_run:
+    if dry_run:
         print(f"dry run: nothing submitted; the script is {job.run_dir / job.script_name}", file=out)
         sys.stdout.write(job.files[job.script_name])
         return 0
     if profile.executor == "slurm":
         submission.submit_runs([job], out)
+        if then:
+            print(f"then     {then}", file=out)
         return 0
     return submission.run_locally([job], False)
 
@@ -499,19 +508,8 @@ def cmd_bench(argv: list[str]) -> int:
     if not args.dry_run:
         submission.check_can_run(profile)
     job = tasks.write_job(prepared, profile, root, ["bench", *argv], args.dry_run)
-    out = sys.stderr if args.dry_run else sys.stdout
-    for line in prepared.lines:
-        print(line, file=out)
-    print(f"run dir  {job.run_dir}", file=out)
-    if args.dry_run:
-        print(f"dry run: nothing submitted; the script is {job.run_dir / job.script_name}", file=out)
-        sys.stdout.write(job.files[job.script_name])
-        return 0
-    if profile.executor == "slurm":
-        submission.submit_runs([job], out)
-        print(f"then     launch status {job.run_dir.name}; launch plan RECIPE --cluster {profile.name} uses the figures", file=out)
-        return 0
-    return submission.run_locally([job], False)
+    return _start_job(prepared, profile, job, args.dry_run,
+                      then=f"launch status {job.run_dir.name}; launch plan RECIPE --cluster {profile.name} uses the figures")
 
 
 def cmd_report(argv: list[str]) -> int:
