@@ -324,9 +324,9 @@ def cmd_follow(name: str, argv: list[str]) -> int:
             print(f"error  {rs.error}")
         if rs.log:
             print(f"log    {rs.log}")
-        if (run / "metrics.jsonl").exists():
-            page = run / "report" / "index.html"
-            print(f"report {page}" if page.exists() else f"report launch report {run.name}")
+        where = _report_location(run)
+        if where:
+            print(f"report {where}")
         if pipeline is not None:  # one stage of a pipeline: every stage, a line each
             print(f"pipeline {pipeline[0]}:")
             _stage_lines(jobs, pipeline[1])
@@ -394,11 +394,19 @@ def _print_log(jobs, run: Path, follow: bool) -> int:
         time.sleep(1)
 
 
+def _report_location(run: Path) -> str | None:
+    """A training run's report page, or the command that writes it; None for other runs."""
+    if not (run / "metrics.jsonl").exists():
+        return None
+    page = run / "report" / "index.html"
+    return str(page) if page.exists() else f"launch report {run.name}"
+
+
 def _report_hint(run: Path) -> None:
     """Where the run's figures are (on stderr: the log itself stays the job's output)."""
-    if (run / "metrics.jsonl").exists():
-        page = run / "report" / "index.html"
-        print(f"launch: report: {page}" + ("" if page.exists() else f" (write it: launch report {run.name})"), file=sys.stderr)
+    where = _report_location(run)
+    if where:
+        print(f"launch: report: {where}", file=sys.stderr)
 
 
 def _no_log(path: Path) -> int:

@@ -158,43 +158,40 @@ def step_terms(recipe, lay, gpus_per_node: int, pp_rank: int | None = None) -> l
         total = directions * tokens * h * act / (lay.tp if lay.sp else 1) * micro * lay.vpp
         uses_mtp = m.num_nextn_predict_layers > 0 and t.mtp_loss_weight > 0
         if uses_mtp and r in (0, (lay.pp * lay.vpp - 1) % lay.pp):  # the two embedding copies: first and last stage
-            from launcher.memory import _group_key, group_params
-
             total += group_params(recipe, "embed", lay, _group_key(recipe))[0] * 4 / (lay.dp * lay.cp)
         crosses = lay.world // lay.pp >= gpn  # the next stage is world / PP ranks away
         out.append(CommTerm("PP", "send/recv of activations and their gradients", 0.0 if crosses else total, total if crosses else 0.0,
                             directions * micro * lay.vpp, False))
     native = recipe.backend.name == "native"
-    if groups:
-        param = 2 if t.precision == "bf16" else 4
-        dense_all = exp_all = dense_train = exp_train = 0.0
-        for kind, count in groups.items():
-            if count:
-                p = group_params(recipe, kind, lay, _group_key(recipe))
-                # FSDP2 reshards a layer after its forward and gathers it again for backward; the root module
-                # (embedding, head) stays gathered from forward to backward: once per micro-batch. Under PP the
-                # pipeline schedule keeps what backward gathered until the step ends (reshard_after_backward off
-                # for all but the last micro-batch): a layer is gathered for the first forward and each backward,
-                # the root once
-                if lay.pp > 1:
-                    times = 1 if kind in ("embed", "head") else micro + 1
-                else:
-                    times = micro if kind in ("embed", "head") else 2 * micro
-                dense_all, exp_all = dense_all + times * count * p[0], exp_all + times * count * p[1]
-                dense_train, exp_train = dense_train + count * p[2], exp_train + count * p[3]
-        for name, n, dims, gathered, trained in (("FSDP dense", lay.dp * lay.cp, ("edp", "ep", "cp"), dense_all, dense_train),
-                                                 ("FSDP experts", lay.dp * lay.cp // lay.ep, ("edp", "cp"), exp_all, exp_train)):
-            if n <= 1 or not gathered:
-                continue
-            if native:  # FSDP2: parameters gathered as counted above (``gathered``: elements x gathers); gradients
-                # (fp32) reduce-scattered once per step
-                total = (gathered * param + trained * 4) * (n - 1) / n
-                calls = (micro + 2) if lay.pp > 1 else (2 * micro + 1)
-                what = ("all-gather of parameters (first forward, each backward)" if lay.pp > 1 else
-                        "all-gather of parameters per micro-batch (fwd + bwd)") + ", reduce-scatter of gradients"
-            else:  # Megatron's distributed optimizer: gradients reduce-scattered, then parameters gathered, once per step
-                total = 2 * trained * param * (n - 1) / n
-                calls, what = 2, "reduce-scatter of gradients, all-gather of updated parameters (distributed optimizer)"
-                name = name.replace("FSDP", "DistOpt")
-            out.append(CommTerm(name, what, *_split(total, members_in_node(lay, dims, gpn) - 1, n - 1), int(calls), True))
+    param = 2 if t.precision == "bf16" else 4
+    dense_all = exp_all = dense_train = exp_train = 0.0
+    for kind, count in groups.items():
+        if count:
+            p = group_params(recipe, kind, lay, _group_key(recipe))
+            # FSDP2 reshards a layer after its forward and gathers it again for backward; the root module
+            # (embedding, head) stays gathered from forward to backward: once per micro-batch. Under PP the
+            # pipeline schedule keeps what backward gathered until the step ends (reshard_after_backward off
+            # for all but the last micro-batch): a layer is gathered for the first forward and each backward,
+            # the root once
+            if lay.pp > 1:
+                times = 1 if kind in ("embed", "head") else micro + 1
+            else:
+                times = micro if kind in ("embed", "head") else 2 * micro
+            dense_all, exp_all = dense_all + times * count * p[0], exp_all + times * count * p[1]
+            dense_train, exp_train = dense_train + count * p[2], exp_train + count * p[3]
+    for name, n, dims, gathered, trained in (("FSDP dense", lay.dp * lay.cp, ("edp", "ep", "cp"), dense_all, dense_train),
+                                             ("FSDP experts", lay.dp * lay.cp // lay.ep, ("edp", "cp"), exp_all, exp_train)):
+        if n <= 1 or not gathered:
+            continue
+        if native:  # FSDP2: parameters gathered as counted above (``gathered``: elements x gathers); gradients
+            # (fp32) reduce-scattered once per step
+            total = (gathered * param + trained * 4) * (n - 1) / n
+            calls = (micro + 2) if lay.pp > 1 else (2 * micro + 1)
+            what = ("all-gather of parameters (first forward, each backward)" if lay.pp > 1 else
+                    "all-gather of parameters per micro-batch (fwd + bwd)") + ", reduce-scatter of gradients"
+        else:  # Megatron's distributed optimizer: gradients reduce-scattered, then parameters gathered, once per step
+            total = 2 * trained * param * (n - 1) / n
+            calls, what = 2, "reduce-scatter of gradients, all-gather of updated parameters (distributed optimizer)"
+            name = name.replace("FSDP", "DistOpt")
+        out.append(CommTerm(name, what, *_split(total, members_in_node(lay, dims, gpn) - 1, n - 1), int(calls), True))
     return out

@@ -47,7 +47,6 @@ def plan_dict(recipe: Recipe, profile: ClusterProfile, pre: Preflight) -> dict:
 
 def comm_dict(recipe: Recipe, profile: ClusterProfile, lay) -> dict:
     """plan.yaml's communication section: the step time with communication and its terms (launcher.comm)."""
-    from launcher.comm import step_terms
     from launcher.search import step_time
 
     net = profile.interconnect
@@ -56,7 +55,7 @@ def comm_dict(recipe: Recipe, profile: ClusterProfile, lay) -> dict:
             "exposed_seconds": round(st.exposed_comm, 4), "overlapped_seconds": round(st.overlapped_comm, 4),
             "terms": [{"name": x.name, "intra_node_bytes": int(x.intra_bytes), "inter_node_bytes": int(x.inter_bytes),
                        "seconds": round(x.seconds(net), 5), "overlapped": x.overlapped}
-                      for x in step_terms(recipe, lay, profile.gpus_per_node)]}
+                      for x in st.terms]}
 
 
 def format_table(rows: list[list[str]], left: int = 0) -> list[str]:
@@ -140,12 +139,11 @@ def compute_lines(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
 
 def comm_lines(recipe: Recipe, profile: ClusterProfile, lay) -> list[str]:
     """The communication table of ``lay``: bytes per step and rank by term, in node and across, and the step time with it."""
-    from launcher.comm import step_terms
     from launcher.search import step_time
 
     net = profile.interconnect
-    terms = step_terms(recipe, lay, profile.gpus_per_node)
     st = step_time(recipe, profile, lay, recipe.parallel.recompute)
+    terms = st.terms
     lines = [f"comm     per step, one rank of the fullest pipeline stage (GB sent; {net.intra_node_gbps:.3g} GB/s per GPU in a node, "
              f"{net.inter_node_gbps:.3g} GB/s across, {net.latency_us:.3g} us per call; "
              + (f"measured: {net.measured})" if net.measured else "the profile's figures; `launch bench comm` measures them)")]

@@ -58,6 +58,7 @@ class StepTime:
     compute: float
     exposed_comm: float  # TP, EP, PP, CP: on the critical path
     overlapped_comm: float  # FSDP: prefetched behind compute
+    terms: tuple = ()  # the launcher.comm.CommTerm the two sums come from
 
     @property
     def total(self) -> float:
@@ -78,7 +79,7 @@ def step_time(recipe: Recipe, profile: ClusterProfile, lay, recompute: str, flop
                        lay, profile.gpus_per_node)
     net = profile.interconnect
     return StepTime(seconds, sum(x.seconds(net) for x in terms if not x.overlapped),
-                    sum(x.seconds(net) for x in terms if x.overlapped))
+                    sum(x.seconds(net) for x in terms if x.overlapped), tuple(terms))
 
 
 def step_seconds(recipe: Recipe, profile: ClusterProfile, pre: Preflight, recompute: str, flops_per_token: float | None = None) -> float:

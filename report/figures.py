@@ -18,11 +18,11 @@ def _plt():
     return plt
 
 
-CURVES: dict[str, list[str]] = {}  # figure file -> the labels of the curves drawn in it (data.json keeps them)
+CURVES: dict[str, list[str]] = {}  # figure path -> the labels of the curves drawn in it (data.json keeps them)
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:
-    CURVES[path.name] = [ln.get_label() for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    CURVES[str(path)] = [ln.get_label() for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")]
     if tight:
         fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -49,18 +49,18 @@ def _write(out: Path, template: str, data: dict, **context) -> Path:
     from report.figures import CURVES
 
     figures = data.get("figures") or {}
-    data = {**data, "curves": {k: CURVES.get(v, []) for k, v in figures.items()}}
+    data = {**data, "curves": {k: CURVES.get(str(out / v), []) for k, v in figures.items()}}
     (out / "data.json").write_text(json.dumps(data, indent=1) + "\n")
     page = out / PAGE
     page.write_text(_env().get_template(template).render(written=_now(), **context))
     return page
 
 
-def run_report(run: Path, out: Path | None = None) -> Path:
-    """One run's report; returns the page."""
+def run_report(run: Path, out: Path | None = None, d: dict | None = None) -> Path:
+    """One run's report; returns the page. ``d``: the run's :func:`run_data`, when the caller has read it."""
     from report.figures import run_figures
 
-    d = run_data(run)
+    d = d or run_data(run)
     out = Path(out or Path(run) / "report")
     out.mkdir(parents=True, exist_ok=True)
     figures = run_figures(d, out)
@@ -97,7 +97,7 @@ def sweep_report(runs: list[Path], out: Path) -> Path:
     data = []
     for run in runs:
         d = run_data(run)
-        page = run_report(run)
+        page = run_report(run, d=d)
         d["label"], d["link"] = _label(run, runs), os.path.relpath(page, out)
         data.append(d)
     figures = sweep_figures(data, out)
@@ -133,7 +133,7 @@ def pipeline_report(name: str, stages: list[Path], states: list[str], out: Path)
         row = {"index": info.get("index", "?"), "stage": info.get("stage", run.name), "run": str(run), "state": state,
                "report": None, "last": None, "exports": _exports(run), "evals": _evals(run)}
         if (run / "metrics.jsonl").exists():
-            row["report"] = os.path.relpath(run_report(run), out)
-            row["last"] = run_data(run)["last"]
+            d = run_data(run)
+            row["report"], row["last"] = os.path.relpath(run_report(run, d=d), out), d["last"]
         rows.append(row)
     return _write(out, "pipeline.html.j2", {"pipeline": name, "stages": rows}, stages=rows, title=f"pipeline {name}")

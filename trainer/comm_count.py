@@ -55,11 +55,6 @@ def _functional_group(args):
         return None
 
 
-def _group_size(args) -> int:
-    pg = _group(args)
-    return pg.size() if pg is not None else 0
-
-
 class CommCounter(TorchDispatchMode):
     """Bytes sent by this rank per (collective, group size); ``records`` keeps every call."""
 
@@ -97,7 +92,8 @@ class CommCounter(TorchDispatchMode):
             else:
                 sent = 0
         else:
-            n = _group_size(args)
+            pg = _group(args)
+            n = pg.size() if pg is not None else 0
             ts = _tensors(args[0]) if args else []
             if name in ("_allgather_base_", "allgather_into_tensor_coalesced"):
                 sent = _nbytes(_tensors(args[1])) * (n - 1)
@@ -115,7 +111,7 @@ class CommCounter(TorchDispatchMode):
                 total = _nbytes([inp])
                 if in_splits and n:
                     row = total / max(sum(in_splits), 1)
-                    sent = (sum(in_splits) - in_splits[_rank(args)]) * row
+                    sent = (sum(in_splits) - in_splits[pg.rank()]) * row
                 else:
                     sent = total * (n - 1) / n if n else 0
             elif name in ("alltoall_",):
@@ -127,12 +123,6 @@ class CommCounter(TorchDispatchMode):
             else:
                 sent = 0
         self.records.append({"op": f"{ns}.{name}", "group": n, "bytes": float(sent)})
-
-
-def _rank(args) -> int:
-    """This rank's index in the c10d op's process group."""
-    pg = _group(args)
-    return pg.rank() if pg is not None else 0
 
 
 def write(records: list[dict], run_dir: Path, rank: int) -> None:
